@@ -1,0 +1,99 @@
+"""Model configuration and the layout of the one flat parameter buffer."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+# Each tensor starts on a 64-byte boundary inside the flat buffer so that the SIMD loops of the
+# core see aligned rows; the few padding floats stay zero forever (zero gradient, zero decay).
+ALIGN_FLOATS = 16
+
+# Per-layer tensors in Hugging Face GPT-2 order: (suffix, shape in terms of C, F).
+LAYER_TENSORS = (
+    "ln_1.weight", "ln_1.bias",
+    "attn.c_attn.weight", "attn.c_attn.bias",
+    "attn.c_proj.weight", "attn.c_proj.bias",
+    "ln_2.weight", "ln_2.bias",
+    "mlp.c_fc.weight", "mlp.c_fc.bias",
+    "mlp.c_proj.weight", "mlp.c_proj.bias",
+)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A GPT-2 architecture. n_inner defaults to 4 * n_embd."""
+    vocab_size: int
+    n_ctx: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int | None = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
+            _check_positive_int(name, getattr(self, name))
+        if self.n_inner is None:
+            object.__setattr__(self, "n_inner", 4 * self.n_embd)
+        _check_positive_int("n_inner", self.n_inner)
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every parameter tensor, in the order of the flat buffer, with its shape."""
+        V, C, F = self.vocab_size, self.n_embd, self.n_inner
+        layer_shapes = {
+            "ln_1.weight": (C,), "ln_1.bias": (C,),
+            "attn.c_attn.weight": (C, 3 * C), "attn.c_attn.bias": (3 * C,),
+            "attn.c_proj.weight": (C, C), "attn.c_proj.bias": (C,),
+            "ln_2.weight": (C,), "ln_2.bias": (C,),
+            "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
+            "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
+        }
+        shapes = [("wte", (V, C)), ("wpe", (self.n_ctx, C))]
+        for i in range(self.n_layer):
+            shapes += [(f"h.{i}.{s}", layer_shapes[s]) for s in LAYER_TENSORS]
+        shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]
+        if not self.tie_embeddings:
+            shapes.append(("lm_head.weight", (V, C)))
+        return shapes
+
+    def layout(self) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
+        """Name -> (offset, shape) in the flat buffer, and the buffer's total length."""
+        offsets, pos = {}, 0
+        for name, shape in self.tensor_shapes():
+            offsets[name] = (pos, shape)
+            pos += -(-math.prod(shape) // ALIGN_FLOATS) * ALIGN_FLOATS
+        return offsets, pos
+
+    def num_parameters(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.tensor_shapes())
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be positive, got {value}")
