@@ -1,0 +1,585 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The compute core: GPT-2 forward and backward run by S "kissing spheres" on OS threads.
+
+Layout follows llm.c's train_gpt2.c: one forward and one backward function per layer kind, all
+parameters in one flat float32 buffer addressed through offsets. Matrices are row-major; BLAS
+(column-major) is reached through `matmul`, which swaps the operands.
+
+Notation: N rows (= sequences of a sphere x T), C width, F inner width, V vocabulary, H heads,
+hd = C / H, T sequence length.
+
+Determinism: a sphere's work is done entirely by one thread with single-threaded BLAS, into
+buffers of that sphere, so its result does not depend on which thread ran it or how many
+threads there are; the reduction adds sphere buffers in the fixed order 0..S-1.
+"""
+import numpy as np
+cimport numpy as cnp
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrtf, sqrt, log
+from libc.string cimport memset, memcpy
+from libc.stdint cimport int64_t
+from scipy.linalg.cython_blas cimport sgemm
+
+cnp.import_array()
+
+cdef extern from "vecmath.h" nogil:
+    float cllm_row_max(const float *x, int n)
+    double cllm_row_exp_sum(float *x, int n, float shift)
+    void cllm_row_scale(float *x, int n, float a)
+    float cllm_row_dot(const float *x, const float *y, int n)
+    float cllm_row_sum(const float *x, int n)
+    double cllm_row_sumsq(const float *x, long n)
+    void cllm_gelu_forward(float *out, const float *inp, int n)
+    void cllm_gelu_backward_inplace(float *dout, const float *inp, int n)
+    void cllm_row_axpy(float *y, const float *x, int n, float a)
+    void cllm_row_add(float *y, const float *x, long n)
+    void cllm_adamw_range(float *p, const float *g, float *m, float *v, long n, float lr,
+                          float beta1, float beta2, float eps, float decay, float grad_scale,
+                          float bc1, float bc2)
+
+# Per-layer tensor offsets into the flat buffer, in config.LAYER_TENSORS order.
+cdef enum:
+    LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FCPROJ_W, FCPROJ_B
+    N_LAYER_TENSORS
+
+# What a sphere step computes.
+cpdef enum Mode:
+    MODE_LOGITS = 0   # forward only, logits copied out
+    MODE_LOSS = 1     # forward and loss
+    MODE_GRADS = 2    # forward, loss and backward
+
+
+cdef struct Dims:
+    int V, C, F, L, H, n_ctx, tied
+    Py_ssize_t wte, wpe, lnf_w, lnf_b, head   # head = wte when tied, else lm_head.weight
+    const Py_ssize_t *layer                   # (L, N_LAYER_TENSORS) offsets
+
+
+cdef struct Acts:
+    # Saved activations of up to nb sequences of length T (N = nb * T rows).
+    float *x0         # (N, C) token + position embedding: the residual entering layer 0
+    float *ln1        # (L, N, C)
+    float *ln1_mean   # (L, N)
+    float *ln1_rstd   # (L, N)
+    float *qkv        # (L, N, 3C)
+    float *att        # (L, nb, H, T, T) attention probabilities
+    float *atty       # (L, N, C) attention output before the projection
+    float *res2       # (L, N, C) residual after attention
+    float *ln2        # (L, N, C)
+    float *ln2_mean   # (L, N)
+    float *ln2_rstd   # (L, N)
+    float *fch        # (L, N, F) before GELU
+    float *fch_gelu   # (L, N, F)
+    float *res3       # (L, N, C) residual after the MLP: the layer's output
+    float *lnf        # (N, C)
+    float *lnf_mean   # (N)
+    float *lnf_rstd   # (N)
+    float *logits     # (N, V) logits, then d loss / d logits
+    # backward scratch, reused by every layer
+    float *dres       # (N, C) gradient of the residual stream
+    float *dln        # (N, C) gradient of a LayerNorm output
+    float *datty      # (N, C)
+    float *dqkv       # (N, 3C)
+    float *dfch       # (N, F)
+    float *datt       # (T, T)
+
+
+# ----------------------------------------------------------------------------------------------
+# matrix product
+
+cdef inline void matmul(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
+                        const float *A, int lda, const float *B, int ldb, float beta,
+                        float *Cm, int ldc) noexcept nogil:
+    """Row-major Cm (M, N) = alpha * op(A) @ op(B) + beta * Cm.
+
+    A row-major matrix is the transpose of a column-major one, so this is the column-major
+    product Cm^T = op(B)^T @ op(A)^T: BLAS gets the operands swapped."""
+    cdef char ta = b'T' if trans_b else b'N'
+    cdef char tb = b'T' if trans_a else b'N'
+    sgemm(&ta, &tb, &N, &M, &K, &alpha, <float *>B, &ldb, <float *>A, &lda, &beta, Cm, &ldc)
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder: x0 = wte[idx] + wpe[pos]
+
+cdef void encoder_forward(float *out, const int64_t *idx, const float *wte, const float *wpe,
+                          int nb, int T, int C) noexcept nogil:
+    # out (nb*T, C), idx (nb*T), wte (V, C), wpe (n_ctx, C)
+    cdef int n, t, c
+    cdef const float *tok
+    cdef const float *pos
+    for n in range(nb * T):
+        t = n % T
+        tok = wte + idx[n] * C
+        pos = wpe + t * C
+        for c in range(C):
+            out[n * C + c] = tok[c] + pos[c]
+
+
+cdef void encoder_backward(float *dwte, float *dwpe, const float *dout, const int64_t *idx,
+                           int nb, int T, int C) noexcept nogil:
+    # dwte (V, C) and dwpe (n_ctx, C) accumulate dout (nb*T, C), rows in order
+    cdef int n
+    for n in range(nb * T):
+        cllm_row_add(dwte + idx[n] * C, dout + n * C, C)
+        cllm_row_add(dwpe + (n % T) * C, dout + n * C, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+
+cdef void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int N, int C) noexcept nogil:
+    # out (N, C), mean (N), rstd (N), inp (N, C), w (C), b (C)
+    cdef int n, c
+    cdef float m, v, s
+    cdef const float *x
+    cdef float *y
+    for n in range(N):
+        x = inp + n * C
+        y = out + n * C
+        m = cllm_row_sum(x, C) / C
+        for c in range(C):
+            y[c] = x[c] - m          # centered input, normalised below
+        v = cllm_row_dot(y, y, C) / C
+        s = 1.0 / sqrtf(v + 1e-5)
+        for c in range(C):
+            y[c] = y[c] * s * w[c] + b[c]
+        mean[n] = m
+        rstd[n] = s
+
+
+cdef void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                             const float *inp, const float *w, const float *mean,
+                             const float *rstd, float *scratch, int N, int C) noexcept nogil:
+    # dinp (N, C) accumulates; dw, db (C) are overwritten; dout, inp (N, C); scratch (C)
+    cdef int n, c
+    cdef float m, s, dnorm_mean, dnorm_norm_mean
+    cdef const float *x
+    cdef const float *dy
+    cdef float *dx
+    memset(dw, 0, C * sizeof(float))
+    memset(db, 0, C * sizeof(float))
+    for n in range(N):
+        x = inp + n * C
+        dy = dout + n * C
+        dx = dinp + n * C
+        m = mean[n]
+        s = rstd[n]
+        # scratch = normalised input; the gradient of the normalised input is dy * w
+        for c in range(C):
+            scratch[c] = (x[c] - m) * s
+        dnorm_mean = 0.0
+        dnorm_norm_mean = 0.0
+        for c in range(C):
+            dnorm_mean = dnorm_mean + dy[c] * w[c]
+            dnorm_norm_mean = dnorm_norm_mean + dy[c] * w[c] * scratch[c]
+        dnorm_mean = dnorm_mean / C
+        dnorm_norm_mean = dnorm_norm_mean / C
+        for c in range(C):
+            db[c] += dy[c]
+            dw[c] += dy[c] * scratch[c]
+            dx[c] += (dy[c] * w[c] - dnorm_mean - scratch[c] * dnorm_norm_mean) * s
+
+
+# ----------------------------------------------------------------------------------------------
+# linear layer (Hugging Face Conv1D layout: out = inp @ w + b, w of shape (IC, OC))
+
+cdef void linear_forward(float *out, const float *inp, const float *w, const float *b,
+                         int N, int IC, int OC) noexcept nogil:
+    # out (N, OC), inp (N, IC), w (IC, OC), b (OC)
+    cdef int n
+    for n in range(N):
+        memcpy(out + n * OC, b, OC * sizeof(float))
+    matmul(False, False, N, OC, IC, 1.0, inp, IC, w, OC, 1.0, out, OC)
+
+
+cdef void linear_backward(float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, int N, int IC, int OC) noexcept nogil:
+    # dinp (N, IC) overwritten, dw (IC, OC) and db (OC) overwritten; dout (N, OC)
+    cdef int n
+    matmul(False, True, N, IC, OC, 1.0, dout, OC, w, OC, 0.0, dinp, IC)
+    matmul(True, False, IC, OC, N, 1.0, inp, IC, dout, OC, 0.0, dw, OC)
+    memset(db, 0, OC * sizeof(float))
+    for n in range(N):
+        cllm_row_add(db, dout + n * OC, OC)
+
+
+# ----------------------------------------------------------------------------------------------
+# causal self-attention, one sequence at a time, one head at a time
+
+cdef void attention_forward(float *out, float *att, const float *qkv,
+                            int nb, int T, int C, int H) noexcept nogil:
+    # out (nb*T, C), att (nb, H, T, T) probabilities, qkv (nb*T, 3C)
+    cdef int hd = C // H
+    cdef int b, h, t, j
+    cdef float scale = 1.0 / sqrtf(hd)
+    cdef float mx, inv
+    cdef const float *q
+    cdef const float *k
+    cdef const float *v
+    cdef float *a
+    for b in range(nb):
+        for h in range(H):
+            q = qkv + b * T * 3 * C + h * hd
+            k = q + C
+            v = q + 2 * C
+            a = att + (b * H + h) * T * T
+            # a = scale * q @ k^T; only the causal part (j <= t) is used
+            matmul(False, True, T, T, hd, scale, q, 3 * C, k, 3 * C, 0.0, a, T)
+            for t in range(T):
+                mx = cllm_row_max(a + t * T, t + 1)
+                inv = <float>(1.0 / cllm_row_exp_sum(a + t * T, t + 1, mx))
+                cllm_row_scale(a + t * T, t + 1, inv)
+                for j in range(t + 1, T):
+                    a[t * T + j] = 0.0
+            # out[:, head h] = a @ v
+            matmul(False, False, T, hd, T, 1.0, a, T, v, 3 * C, 0.0,
+                   out + b * T * C + h * hd, C)
+
+
+cdef void attention_backward(float *dqkv, float *datt, const float *dout, const float *att,
+                             const float *qkv, int nb, int T, int C, int H) noexcept nogil:
+    # dqkv (nb*T, 3C) overwritten, datt (T, T) scratch, dout (nb*T, C), att (nb, H, T, T)
+    cdef int hd = C // H
+    cdef int b, h, t, j
+    cdef float scale = 1.0 / sqrtf(hd)
+    cdef float s
+    cdef const float *q
+    cdef const float *k
+    cdef const float *v
+    cdef const float *a
+    cdef const float *dy
+    cdef float *dq
+    cdef float *dk
+    cdef float *dv
+    for b in range(nb):
+        for h in range(H):
+            q = qkv + b * T * 3 * C + h * hd
+            k = q + C
+            v = q + 2 * C
+            dq = dqkv + b * T * 3 * C + h * hd
+            dk = dq + C
+            dv = dq + 2 * C
+            a = att + (b * H + h) * T * T
+            dy = dout + b * T * C + h * hd
+            # datt = dy @ v^T ; dv = a^T @ dy
+            matmul(False, True, T, T, hd, 1.0, dy, C, v, 3 * C, 0.0, datt, T)
+            matmul(True, False, T, hd, T, 1.0, a, T, dy, C, 0.0, dv, 3 * C)
+            # softmax backward, scaled: dscore = scale * a * (datt - sum(a * datt))
+            for t in range(T):
+                s = cllm_row_dot(a + t * T, datt + t * T, t + 1)
+                for j in range(t + 1):
+                    datt[t * T + j] = scale * a[t * T + j] * (datt[t * T + j] - s)
+                for j in range(t + 1, T):
+                    datt[t * T + j] = 0.0
+            # dq = dscore @ k ; dk = dscore^T @ q
+            matmul(False, False, T, hd, T, 1.0, datt, T, k, 3 * C, 0.0, dq, 3 * C)
+            matmul(True, False, T, hd, T, 1.0, datt, T, q, 3 * C, 0.0, dk, 3 * C)
+
+
+# ----------------------------------------------------------------------------------------------
+# softmax cross-entropy over the vocabulary
+
+cdef double crossentropy_forward_backward(float *logits, const int64_t *targets, int N, int V,
+                                          float dscale, bint backward) noexcept nogil:
+    """Sum over rows with target != -1 of -log softmax(logits)[target].
+
+    With `backward`, logits (N, V) are replaced by d loss / d logits = dscale * (p - onehot),
+    and by zero on ignored rows."""
+    cdef int n
+    cdef int64_t y
+    cdef float mx, target_logit
+    cdef double total = 0.0, z
+    cdef float *row
+    for n in range(N):
+        row = logits + <Py_ssize_t>n * V
+        y = targets[n]
+        if y < 0:
+            if backward:
+                memset(row, 0, V * sizeof(float))
+            continue
+        mx = cllm_row_max(row, V)
+        target_logit = row[y]
+        z = cllm_row_exp_sum(row, V, mx)
+        total += log(z) - (target_logit - mx)
+        if backward:
+            cllm_row_scale(row, V, <float>(dscale / z))
+            row[y] -= dscale
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# one sphere: forward (and backward) over its sequences
+
+cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *a,
+                        const int64_t *idx, const int64_t *targets, float *logits_out,
+                        int nb, int T, int mode, float dscale) noexcept nogil:
+    """Run nb sequences (idx, targets: (nb*T)) as one block of N = nb*T rows.
+
+    Returns the summed loss (MODE_LOSS, MODE_GRADS); in MODE_GRADS overwrites this sphere's
+    gradient buffer `grads`; in MODE_LOGITS copies the logits to logits_out (nb*T, V)."""
+    cdef int C = d.C, F = d.F, V = d.V, H = d.H, L = d.L
+    cdef int N = nb * T
+    cdef Py_ssize_t NC = <Py_ssize_t>N * C, NF = <Py_ssize_t>N * F
+    cdef Py_ssize_t natt = <Py_ssize_t>nb * H * T * T
+    cdef int l
+    cdef const Py_ssize_t *o
+    cdef const float *res_in
+    cdef float *logits
+    cdef double loss = 0.0
+
+    encoder_forward(a.x0, idx, params + d.wte, params + d.wpe, nb, T, C)
+    res_in = a.x0
+    for l in range(L):
+        o = d.layer + l * N_LAYER_TENSORS
+        layernorm_forward(a.ln1 + l * NC, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_in,
+                          params + o[LN1_W], params + o[LN1_B], N, C)
+        linear_forward(a.qkv + 3 * l * NC, a.ln1 + l * NC, params + o[QKV_W], params + o[QKV_B],
+                       N, C, 3 * C)
+        attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC, nb, T, C, H)
+        linear_forward(a.res2 + l * NC, a.atty + l * NC, params + o[PROJ_W], params + o[PROJ_B],
+                       N, C, C)
+        cllm_row_add(a.res2 + l * NC, res_in, NC)
+        layernorm_forward(a.ln2 + l * NC, a.ln2_mean + l * N, a.ln2_rstd + l * N,
+                          a.res2 + l * NC, params + o[LN2_W], params + o[LN2_B], N, C)
+        linear_forward(a.fch + l * NF, a.ln2 + l * NC, params + o[FC_W], params + o[FC_B],
+                       N, C, F)
+        cllm_gelu_forward(a.fch_gelu + l * NF, a.fch + l * NF, NF)
+        linear_forward(a.res3 + l * NC, a.fch_gelu + l * NF, params + o[FCPROJ_W],
+                       params + o[FCPROJ_B], N, F, C)
+        cllm_row_add(a.res3 + l * NC, a.res2 + l * NC, NC)
+        res_in = a.res3 + l * NC
+    layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res_in, params + d.lnf_w, params + d.lnf_b,
+                      N, C)
+    # logits (N, V) = lnf (N, C) @ head^T, head (V, C)
+    logits = logits_out if mode == MODE_LOGITS else a.logits
+    matmul(False, True, N, V, C, 1.0, a.lnf, C, params + d.head, C, 0.0, logits, V)
+    if mode == MODE_LOGITS:
+        return 0.0
+    loss = crossentropy_forward_backward(logits, targets, N, V, dscale, mode == MODE_GRADS)
+    if mode == MODE_LOSS:
+        return loss
+
+    # ---- backward ----
+    cdef float *dres = a.dres
+    cdef const float *res_prev
+    if not d.tied:
+        memset(grads + d.wte, 0, <Py_ssize_t>V * C * sizeof(float))
+    # dhead (V, C) = dlogits^T @ lnf ; dlnf (N, C) = dlogits @ head
+    matmul(True, False, V, C, N, 1.0, logits, V, a.lnf, C, 0.0, grads + d.head, C)
+    matmul(False, False, N, C, V, 1.0, logits, V, params + d.head, C, 0.0, a.dln, C)
+    memset(dres, 0, NC * sizeof(float))
+    layernorm_backward(dres, grads + d.lnf_w, grads + d.lnf_b, a.dln, res_in,
+                       params + d.lnf_w, a.lnf_mean, a.lnf_rstd, a.datty, N, C)
+    for l in range(L - 1, -1, -1):
+        o = d.layer + l * N_LAYER_TENSORS
+        res_prev = a.x0 if l == 0 else a.res3 + (l - 1) * NC
+        # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wfcproj + bfcproj
+        linear_backward(a.dfch, grads + o[FCPROJ_W], grads + o[FCPROJ_B], dres,
+                        a.fch_gelu + l * NF, params + o[FCPROJ_W], N, F, C)
+        cllm_gelu_backward_inplace(a.dfch, a.fch + l * NF, NF)
+        linear_backward(a.dln, grads + o[FC_W], grads + o[FC_B], a.dfch, a.ln2 + l * NC,
+                        params + o[FC_W], N, C, F)
+        layernorm_backward(dres, grads + o[LN2_W], grads + o[LN2_B], a.dln, a.res2 + l * NC,
+                           params + o[LN2_W], a.ln2_mean + l * N, a.ln2_rstd + l * N,
+                           a.datty, N, C)
+        # attention: res2 = res_prev + attn(ln1 @ Wqkv + bqkv) @ Wproj + bproj
+        linear_backward(a.datty, grads + o[PROJ_W], grads + o[PROJ_B], dres, a.atty + l * NC,
+                        params + o[PROJ_W], N, C, C)
+        attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt, a.qkv + 3 * l * NC,
+                           nb, T, C, H)
+        linear_backward(a.dln, grads + o[QKV_W], grads + o[QKV_B], a.dqkv, a.ln1 + l * NC,
+                        params + o[QKV_W], N, C, 3 * C)
+        layernorm_backward(dres, grads + o[LN1_W], grads + o[LN1_B], a.dln, res_prev,
+                           params + o[LN1_W], a.ln1_mean + l * N, a.ln1_rstd + l * N,
+                           a.datty, N, C)
+    memset(grads + d.wpe, 0, <Py_ssize_t>d.n_ctx * C * sizeof(float))
+    encoder_backward(grads + d.wte, grads + d.wpe, dres, idx, nb, T, C)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# workspaces
+
+cdef class Workspace:
+    """Activation buffers of one OS thread for sphere blocks of up to nb sequences of length T."""
+    cdef readonly int nb, T
+    cdef readonly bint backward
+    cdef object buffer
+    cdef Acts acts
+
+    def __init__(self, dims, int nb, int T, bint backward):
+        cdef Py_ssize_t V = dims["V"], C = dims["C"], F = dims["F"], L = dims["L"], H = dims["H"]
+        cdef Py_ssize_t N = nb * T
+        cdef float[::1] buf
+        cdef float *p0
+        cdef Acts *a = &self.acts
+        self.nb, self.T, self.backward = nb, T, backward
+        sizes = dict(x0=N * C, ln1=L * N * C, ln1_mean=L * N, ln1_rstd=L * N,
+                     qkv=L * N * 3 * C, att=L * nb * H * T * T, atty=L * N * C,
+                     res2=L * N * C, ln2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N,
+                     fch=L * N * F, fch_gelu=L * N * F, res3=L * N * C, lnf=N * C,
+                     lnf_mean=N, lnf_rstd=N, logits=N * V, dres=N * C, dln=N * C,
+                     datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=T * T)
+        if not backward:
+            sizes = {name: 0 if name.startswith("d") else n for name, n in sizes.items()}
+        # every buffer starts on a 64-byte boundary (16 floats)
+        self.buffer = np.zeros(sum(-(-n // 16) * 16 for n in sizes.values()) + 16, np.float32)
+        buf = self.buffer
+        p0 = &buf[0]
+        p0 += (16 - (<size_t>p0 // 4) % 16) % 16
+        offset = {}
+        pos = 0
+        for name, n in sizes.items():
+            offset[name] = pos
+            pos += -(-n // 16) * 16
+        a.x0 = p0 + <Py_ssize_t>offset["x0"]
+        a.ln1 = p0 + <Py_ssize_t>offset["ln1"]
+        a.ln1_mean = p0 + <Py_ssize_t>offset["ln1_mean"]
+        a.ln1_rstd = p0 + <Py_ssize_t>offset["ln1_rstd"]
+        a.qkv = p0 + <Py_ssize_t>offset["qkv"]
+        a.att = p0 + <Py_ssize_t>offset["att"]
+        a.atty = p0 + <Py_ssize_t>offset["atty"]
+        a.res2 = p0 + <Py_ssize_t>offset["res2"]
+        a.ln2 = p0 + <Py_ssize_t>offset["ln2"]
+        a.ln2_mean = p0 + <Py_ssize_t>offset["ln2_mean"]
+        a.ln2_rstd = p0 + <Py_ssize_t>offset["ln2_rstd"]
+        a.fch = p0 + <Py_ssize_t>offset["fch"]
+        a.fch_gelu = p0 + <Py_ssize_t>offset["fch_gelu"]
+        a.res3 = p0 + <Py_ssize_t>offset["res3"]
+        a.lnf = p0 + <Py_ssize_t>offset["lnf"]
+        a.lnf_mean = p0 + <Py_ssize_t>offset["lnf_mean"]
+        a.lnf_rstd = p0 + <Py_ssize_t>offset["lnf_rstd"]
+        a.logits = p0 + <Py_ssize_t>offset["logits"]
+        a.dres = p0 + <Py_ssize_t>offset["dres"]
+        a.dln = p0 + <Py_ssize_t>offset["dln"]
+        a.datty = p0 + <Py_ssize_t>offset["datty"]
+        a.dqkv = p0 + <Py_ssize_t>offset["dqkv"]
+        a.dfch = p0 + <Py_ssize_t>offset["dfch"]
+        a.datt = p0 + <Py_ssize_t>offset["datt"]
+
+    @property
+    def nbytes(self):
+        return self.buffer.nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# the sphere step
+
+def run_spheres(dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
+                float[:, ::1] sphere_grads, list workspaces, const int64_t[:, ::1] idx,
+                const int64_t[:, ::1] targets, float[:, :, ::1] logits_out, int spheres,
+                int threads, int mode, long n_targets):
+    """Run every sphere of a batch; return the loss sum of each sphere (float64, (S,)).
+
+    Sequence b belongs to sphere b % S. MODE_GRADS leaves the reduced gradient in
+    sphere_grads[0] (see reduce_spheres) and needs one row of sphere_grads per active sphere.
+    The caller limits BLAS to one thread for the duration of this call."""
+    cdef Dims d
+    d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
+    d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
+    d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
+    d.head = dims["head"]
+    d.layer = &layer_offsets[0, 0]
+    cdef int B = idx.shape[0], T = idx.shape[1]
+    cdef int active = min(spheres, B)
+    cdef int nbmax = (B + spheres - 1) // spheres
+    cdef int s, j, nb, tid
+    cdef Workspace ws
+    cdef Acts *acts_of_thread[1024]
+    if threads > 1024:
+        threads = 1024
+    for j in range(threads):
+        ws = workspaces[j]
+        if ws.nb < nbmax or ws.T != T or (mode == MODE_GRADS and not ws.backward):
+            raise ValueError("workspace does not fit the batch")
+        acts_of_thread[j] = &ws.acts
+    cdef double[::1] losses = np.zeros(spheres, dtype=np.float64)
+    # a sphere's sequences are gathered contiguously: (S, nbmax, T) blocks
+    cdef int64_t[:, ::1] sphere_idx = np.empty((spheres, nbmax * T), dtype=np.int64)
+    cdef int64_t[:, ::1] sphere_tgt = np.empty((spheres, nbmax * T), dtype=np.int64)
+    cdef int[::1] sphere_nb = np.zeros(spheres, dtype=np.int32)
+    cdef int b
+    for b in range(B):
+        s = b % spheres
+        j = b // spheres
+        sphere_idx[s, j * T:(j + 1) * T] = idx[b]
+        if mode != MODE_LOGITS:
+            sphere_tgt[s, j * T:(j + 1) * T] = targets[b]
+        sphere_nb[s] += 1
+    # logits come out per sphere in (S, nbmax*T, V) then go back to batch order
+    cdef float[:, :, ::1] sphere_logits
+    if mode == MODE_LOGITS:
+        sphere_logits = np.empty((active, nbmax * T, d.V), dtype=np.float32)
+    else:
+        sphere_logits = np.empty((1, 1, 1), dtype=np.float32)
+    cdef float dscale = (1.0 / n_targets) if n_targets > 0 else 0.0
+    cdef const float *p = &params[0]
+    for s in prange(active, nogil=True, num_threads=threads, schedule="dynamic", chunksize=1):
+        tid = threadid()
+        losses[s] = sphere_step(
+            &d, p, &sphere_grads[s, 0] if mode == MODE_GRADS else NULL,
+            acts_of_thread[tid], &sphere_idx[s, 0], &sphere_tgt[s, 0],
+            &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
+            sphere_nb[s], T, mode, dscale)
+    if mode == MODE_LOGITS:
+        for b in range(B):
+            s = b % spheres
+            j = b // spheres
+            logits_out[b] = sphere_logits[s, j * T:(j + 1) * T]
+    return np.asarray(losses)
+
+
+def reduce_spheres(float[:, ::1] sphere_grads, int active, int threads):
+    """sphere_grads[0] <- sum over r = 0..active-1 of sphere_grads[r], in that order.
+
+    The flat vector is cut into `active` near-equal contiguous segments reduced in parallel;
+    each thread writes only its own segments: no locks, no atomics."""
+    cdef Py_ssize_t P = sphere_grads.shape[1]
+    cdef int nseg = active, s, r
+    cdef Py_ssize_t lo, hi
+    for s in prange(nseg, nogil=True, num_threads=threads, schedule="static"):
+        lo = P * s // nseg
+        hi = P * (s + 1) // nseg
+        for r in range(1, active):
+            cllm_row_add(&sphere_grads[0, lo], &sphere_grads[r, lo], hi - lo)
+
+
+# ----------------------------------------------------------------------------------------------
+# optimizer
+
+# Elements per unit of parallel optimizer work; fixed, so that sums do not depend on threads.
+cdef enum:
+    CHUNK = 65536
+
+
+def grad_norm(const float[::1] grads, int threads):
+    """Global L2 norm, summed in float64 over fixed chunks and then in chunk order."""
+    cdef Py_ssize_t P = grads.shape[0]
+    cdef Py_ssize_t nchunks = (P + CHUNK - 1) // CHUNK, c, lo, hi
+    cdef double[::1] partial = np.zeros(nchunks, dtype=np.float64)
+    for c in prange(nchunks, nogil=True, num_threads=threads, schedule="static"):
+        lo = c * CHUNK
+        hi = min(lo + CHUNK, P)
+        partial[c] = cllm_row_sumsq(&grads[lo], hi - lo)
+    cdef double total = 0.0
+    for c in range(nchunks):
+        total += partial[c]
+    return sqrt(total)
+
+
+def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
+               const Py_ssize_t[:, ::1] ranges, float lr, float beta1, float beta2, float eps,
+               float weight_decay, float grad_scale, int step, int threads):
+    """One AdamW step over the flat buffer, fused: gradient scaling (clipping), moment updates,
+    bias correction, decoupled weight decay on the ranges whose flag is 1.
+
+    ranges: (R, 3) rows of (start, stop, decay flag) covering the parameters, each at most
+    CHUNK long so that threads share the work evenly."""
+    cdef Py_ssize_t R = ranges.shape[0], i
+    cdef float bc1 = 1.0 - beta1 ** step, bc2 = 1.0 - beta2 ** step
+    for i in prange(R, nogil=True, num_threads=threads, schedule="static"):
+        cllm_adamw_range(&params[ranges[i, 0]], &grads[ranges[i, 0]], &m[ranges[i, 0]],
+                         &v[ranges[i, 0]], ranges[i, 1] - ranges[i, 0], lr, beta1, beta2, eps,
+                         weight_decay if ranges[i, 2] else 0.0, grad_scale, bc1, bc2)
