@@ -7,7 +7,7 @@ core = Extension(
     "cllm._core",
     sources=["src/cllm/_core.pyx"],
     include_dirs=[numpy.get_include()],
-    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+    extra_compile_args=["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
     extra_link_args=["-fopenmp"],
     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
 )

@@ -583,3 +583,86 @@ def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::
         cllm_adamw_range(&params[ranges[i, 0]], &grads[ranges[i, 0]], &m[ranges[i, 0]],
                          &v[ranges[i, 0]], ranges[i, 1] - ranges[i, 0], lr, beta1, beta2, eps,
                          weight_decay if ranges[i, 2] else 0.0, grad_scale, bc1, bc2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Each layer on its own, for the tests that check it against a float64 reference.
+
+def layer_layernorm(const float[:, ::1] inp, const float[::1] w, const float[::1] b):
+    """-> out (N, C), mean (N), rstd (N)"""
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    cdef float[:, ::1] out = np.empty((N, C), np.float32)
+    cdef float[::1] mean = np.empty(N, np.float32), rstd = np.empty(N, np.float32)
+    layernorm_forward(&out[0, 0], &mean[0], &rstd[0], &inp[0, 0], &w[0], &b[0], N, C)
+    return np.asarray(out), np.asarray(mean), np.asarray(rstd)
+
+
+def layer_layernorm_backward(const float[:, ::1] dout, const float[:, ::1] inp,
+                             const float[::1] w, const float[::1] mean, const float[::1] rstd):
+    """-> dinp (N, C), dw (C), db (C)"""
+    cdef int N = inp.shape[0], C = inp.shape[1]
+    cdef float[:, ::1] dinp = np.zeros((N, C), np.float32)
+    cdef float[::1] dw = np.empty(C, np.float32), db = np.empty(C, np.float32)
+    cdef float[::1] scratch = np.empty(C, np.float32)
+    layernorm_backward(&dinp[0, 0], &dw[0], &db[0], &dout[0, 0], &inp[0, 0], &w[0], &mean[0],
+                       &rstd[0], &scratch[0], N, C)
+    return np.asarray(dinp), np.asarray(dw), np.asarray(db)
+
+
+def layer_linear(const float[:, ::1] inp, const float[:, ::1] w, const float[::1] b):
+    """-> out (N, OC) = inp (N, IC) @ w (IC, OC) + b"""
+    cdef int N = inp.shape[0], IC = inp.shape[1], OC = w.shape[1]
+    cdef float[:, ::1] out = np.empty((N, OC), np.float32)
+    linear_forward(&out[0, 0], &inp[0, 0], &w[0, 0], &b[0], N, IC, OC)
+    return np.asarray(out)
+
+
+def layer_linear_backward(const float[:, ::1] dout, const float[:, ::1] inp,
+                          const float[:, ::1] w):
+    """-> dinp (N, IC), dw (IC, OC), db (OC)"""
+    cdef int N = inp.shape[0], IC = inp.shape[1], OC = w.shape[1]
+    cdef float[:, ::1] dinp = np.empty((N, IC), np.float32)
+    cdef float[:, ::1] dw = np.empty((IC, OC), np.float32)
+    cdef float[::1] db = np.empty(OC, np.float32)
+    linear_backward(&dinp[0, 0], &dw[0, 0], &db[0], &dout[0, 0], &inp[0, 0], &w[0, 0], N, IC, OC)
+    return np.asarray(dinp), np.asarray(dw), np.asarray(db)
+
+
+def layer_gelu(const float[::1] inp):
+    cdef float[::1] out = np.empty(inp.shape[0], np.float32)
+    cllm_gelu_forward(&out[0], &inp[0], inp.shape[0])
+    return np.asarray(out)
+
+
+def layer_gelu_backward(const float[::1] dout, const float[::1] inp):
+    cdef float[::1] dinp = np.array(dout, np.float32)
+    cllm_gelu_backward_inplace(&dinp[0], &inp[0], inp.shape[0])
+    return np.asarray(dinp)
+
+
+def layer_attention(const float[:, :, ::1] qkv, int n_head):
+    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, T, T)"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
+    cdef float[:, :, ::1] out = np.empty((nb, T, C), np.float32)
+    cdef float[:, :, :, ::1] att = np.empty((nb, n_head, T, T), np.float32)
+    attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], nb, T, C, n_head)
+    return np.asarray(out), np.asarray(att)
+
+
+def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, :, ::1] att,
+                             const float[:, :, ::1] qkv):
+    """-> dqkv (nb, T, 3C)"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, H = att.shape[1]
+    cdef float[:, :, ::1] dqkv = np.empty((nb, T, 3 * C), np.float32)
+    cdef float[:, ::1] datt = np.empty((T, T), np.float32)
+    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &dout[0, 0, 0], &att[0, 0, 0, 0],
+                       &qkv[0, 0, 0], nb, T, C, H)
+    return np.asarray(dqkv)
+
+
+def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, float dscale):
+    """-> (summed loss over targets != -1, dlogits = dscale * (softmax - onehot))"""
+    cdef float[:, ::1] work = np.array(logits, np.float32)
+    cdef double loss = crossentropy_forward_backward(&work[0, 0], &targets[0], work.shape[0],
+                                                     work.shape[1], dscale, True)
+    return loss, np.asarray(work)
