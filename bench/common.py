@@ -1,0 +1,65 @@
+"""Shared pieces of the benchmarks: the seed configuration, subprocess workers, machine facts."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+SEED_CONFIG = dict(vocab_size=30000, n_ctx=256, n_embd=384, n_layer=6, n_head=12, n_inner=1536,
+                   tie_embeddings=True)
+
+
+def cpu_model() -> str:
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def machine_line() -> str:
+    return f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {len(os.sched_getaffinity(0))} cores"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(script: str, *args: str, threads: int) -> dict:
+    """Run `script --worker ...` in a fresh process (its own peak RSS, its own thread pools) and
+    return the JSON object it prints on its last line of output."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, script, "--worker", *args], env=env, check=True,
+                         stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 matrix-product rate of NumPy's BLAS at `threads` threads."""
+    from threadpoolctl import threadpool_limits
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    best = float("inf")
+    with threadpool_limits(threads, user_api="blas"):
+        a @ b
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def train_flops_per_token(config, T: int) -> float:
+    """Forward + backward arithmetic per token: 6 per matrix-product parameter (the head
+    included) plus causal attention (scores and weighted sum, half of T x T on average)."""
+    C, F, L, V = config.n_embd, config.n_inner, config.n_layer, config.vocab_size
+    matmul_params = L * (3 * C * C + C * C + 2 * C * F) + V * C
+    return 6 * matmul_params + 6 * L * T * C
