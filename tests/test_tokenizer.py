@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -5,8 +6,8 @@ from tokenizers import pre_tokenizers
 
 from cllm.errors import DataError
 from cllm.tokenizer import (
-    _unicode_to_byte, decode, encode, save_tokenizer, token_display, tokenizer_from_json,
-    tokenizer_to_json, train_bpe, train_char,
+    _unicode_to_byte, decode, encode, encode_batch, save_tokenizer, split_for_encoding,
+    token_display, tokenizer_from_json, tokenizer_to_json, train_bpe, train_char,
 )
 
 CORPUS = [
@@ -58,6 +59,38 @@ def test_char_round_trips_its_training_text(texts):
         assert decode(tokenizer, encode(tokenizer, text)) == text
 
 
+@settings(max_examples=200, deadline=None)
+@given(any_text,
+       st.integers(1, 8))
+def test_split_for_encoding_is_exact_for_byte_level_bpe(bpe, text, piece_chars):
+    pieces = split_for_encoding(text, piece_chars)
+    assert "".join(pieces) == text
+    assert all(pieces) or pieces == [""]
+    joined = [i for piece in pieces for i in bpe.encode(piece).ids]
+    assert joined == bpe.encode(text).ids
+
+
+def test_split_for_encoding_cuts_long_text(bpe):
+    text = "word " * 10_000
+    pieces = split_for_encoding(text, 1000)
+    assert 40 < len(pieces) < 60 and "".join(pieces) == text
+
+
+def test_training_on_pieces_learns_the_same_merges():
+    text = "".join(CORPUS)
+    assert tokenizer_to_json(train_bpe(split_for_encoding(text, 50), 300)) == \
+        tokenizer_to_json(train_bpe([text], 300))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(any_text, min_size=1, max_size=3))
+def test_char_lookup_matches_the_tokenizer_pipeline(char, texts):
+    known = ["".join(c for c in text if c in char.get_vocab()) for text in texts]
+    ids = encode_batch(char, known, "test")
+    assert [a.tolist() for a in ids] == [e.ids for e in char.encode_batch(known)]
+    assert all(a.dtype == np.uint32 for a in ids)
+
+
 def test_char_ids_follow_code_point_order(char):
     vocab = char.get_vocab()
     chars = sorted(set("".join(CORPUS)))
@@ -78,6 +111,14 @@ def test_prompt_with_lone_surrogate_is_a_data_error(bpe):
 def test_char_needs_some_text():
     with pytest.raises(DataError, match="no characters"):
         train_char(["", ""])
+
+
+def test_unknown_characters_in_a_file_name_it(char):
+    with pytest.raises(DataError, match=r"^corpus/x\.txt contains .* lacks: '#', '@'$"):
+        encode_batch(char, ["ok", "#@#"], "corpus/x.txt")
+    many = "".join(chr(0x4000 + i) for i in range(15))
+    with pytest.raises(DataError, match="and 5 more"):
+        encode(char, many)
 
 
 @pytest.mark.parametrize("name", ["bpe", "char"])

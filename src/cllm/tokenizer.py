@@ -3,10 +3,12 @@ objects so that they serialize to JSON and travel inside the model file."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .errors import DataError
@@ -18,6 +20,18 @@ BYTE_ALPHABET_SIZE = 256
 # Character tokenizers need an unk_token name for WordLevel, but it is never in the vocabulary:
 # `encode` refuses unknown characters with a clear error instead of mapping them to a token.
 _UNKNOWN_TOKEN = "[UNK]"
+
+# Characters per piece when long texts are cut for the tokenizer (see split_for_encoding):
+# whole files of tens of MB cost the Rust side GBs of memory and use only one core.
+PIECE_CHARS = 1 << 18
+
+# Cut only between a non-space character and an ASCII whitespace one. No pre-token of the
+# GPT-2 byte-level regex spans such a point (letters, digits and punctuation never absorb
+# whitespace after them, and the regex looks only ahead), and a piece never ends inside a
+# whitespace run, so encoding the pieces separately gives exactly the ids of encoding the whole
+# text. The whitespace side is ASCII because Python's \s is wider than the Rust regex's (\x1c).
+# For character tokenizers any cut is exact.
+_SAFE_CUT = re.compile(r"\S(?=[\t\n\v\f\r ])")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -31,8 +45,29 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tokenizer.train_from_iterator(texts, trainer)
+    # The pieces pre-tokenize exactly as the whole texts do, so the merges learnt are the same.
+    tokenizer.train_from_iterator(_pieces(texts), trainer)
     return tokenizer
+
+
+def split_for_encoding(text: str, piece_chars: int = PIECE_CHARS) -> list[str]:
+    """Cut `text` into pieces of about `piece_chars` characters at points where encoding the
+    pieces separately gives the same ids as encoding the whole (see _SAFE_CUT). A piece grows
+    past `piece_chars` when no such point follows; the pieces always join back to `text`."""
+    pieces, start = [], 0
+    while len(text) - start > piece_chars:
+        cut = _SAFE_CUT.search(text, start + piece_chars - 1)
+        if cut is None:
+            break
+        pieces.append(text[start:cut.end()])
+        start = cut.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+def _pieces(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        yield from split_for_encoding(text)
 
 
 def train_char(texts: Iterable[str]) -> Tokenizer:
@@ -50,19 +85,34 @@ def train_char(texts: Iterable[str]) -> Tokenizer:
     return tokenizer
 
 
-def is_char_tokenizer(tokenizer: Tokenizer) -> bool:
-    return isinstance(tokenizer.model, models.WordLevel)
+def encode_batch(tokenizer: Tokenizer, texts: list[str], what: str) -> list[np.ndarray]:
+    """The ids of each text as a uint32 array. `what` names the texts' source in the error
+    raised when a character tokenizer meets a character it lacks."""
+    vocab = tokenizer.get_vocab()
+    if isinstance(tokenizer.model, models.WordLevel) and all(len(t) == 1 for t in vocab):
+        return _encode_chars(vocab, texts, what)
+    return [np.array(e.ids, dtype=np.uint32) for e in tokenizer.encode_batch_fast(texts)]
 
 
-def check_known_characters(tokenizer: Tokenizer, text: str, what: str) -> None:
-    """Raise DataError naming `what` if a character tokenizer lacks some character of `text`."""
-    if not is_char_tokenizer(tokenizer):
-        return
-    unknown = sorted(set(text).difference(tokenizer.get_vocab()))
-    if unknown:
-        shown = ", ".join(repr(char) for char in unknown[:10])
-        more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-        raise DataError(f"{what} contains characters the model's vocabulary lacks: {shown}{more}")
+def _encode_chars(vocab: dict[str, int], texts: list[str], what: str) -> list[np.ndarray]:
+    """A character tokenizer's ids by table lookup: the same ids as its Rust pipeline (one
+    pre-token per character, one WordLevel entry per pre-token) at a small fraction of the cost."""
+    chars = sorted(vocab)
+    code_points = np.array([ord(char) for char in chars], dtype=np.uint32)
+    ids = np.array([vocab[char] for char in chars], dtype=np.uint32)
+    encoded = []
+    for text in texts:
+        points = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+        at = np.searchsorted(code_points, points).clip(max=len(chars) - 1)
+        known = code_points[at] == points
+        if not known.all():
+            unknown = [chr(point) for point in np.unique(points[~known])]
+            shown = ", ".join(repr(char) for char in unknown[:10])
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise DataError(f"{what} contains characters the model's vocabulary lacks: "
+                            f"{shown}{more}")
+        encoded.append(ids[at])
+    return encoded
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -73,8 +123,7 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
         # Lone surrogates: Python decodes command-line bytes that are not UTF-8 into these.
         raise DataError(f"prompt is not valid Unicode text: {e.reason} at position {e.start} "
                         "(was it given in an encoding other than UTF-8?)") from e
-    check_known_characters(tokenizer, text, "prompt")
-    return tokenizer.encode(text).ids
+    return encode_batch(tokenizer, [text], "prompt")[0].tolist()
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
