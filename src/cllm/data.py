@@ -80,12 +80,16 @@ def find_text_files(root: str | os.PathLike) -> CorpusFiles:
 def _regular_files(root: Path) -> list[Path]:
     found, folders = [], [root]
     while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append(Path(entry.path))
-                elif entry.is_file():
-                    found.append(Path(entry.path))
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(Path(entry.path))
+                    elif entry.is_file():
+                        found.append(Path(entry.path))
+        except OSError as e:
+            raise DataError(f"{folder}: cannot list the folder: {e.strerror}") from e
     found.sort(key=lambda path: path.relative_to(root).as_posix())
     return found
 
@@ -149,7 +153,7 @@ def build_dataset(tokenizer: Tokenizer, files: CorpusFiles, path: str | os.PathL
         for file_path in files.paths:
             pieces = split_for_encoding(_read_text(file_path))
             # Sizes of the pieces as they are on disk, before the final newline is added.
-            sizes = [len(piece.encode("utf-8")) for piece in pieces] if progress is not None else []
+            sizes = [len(piece.encode("utf-8")) for piece in pieces]
             pieces[-1] = _with_final_newline(pieces[-1])
             for i in range(0, len(pieces), _ENCODE_BATCH):
                 for ids in encode_batch(tokenizer, pieces[i:i + _ENCODE_BATCH], str(file_path)):
@@ -234,8 +238,9 @@ def iter_windows_sequential(tokens: np.ndarray, batch: int, seq_len: int,
         last = min(first + batch, n_windows)
         x = tokens[first * seq_len:last * seq_len]
         y = tokens[first * seq_len + 1:last * seq_len + 1]
-        yield (x.reshape(-1, seq_len).astype(np.int64),
-               y.reshape(-1, seq_len).astype(np.int64))
+        # np.array, not astype: a plain ndarray rather than an in-memory np.memmap.
+        yield (np.array(x.reshape(-1, seq_len), dtype=np.int64),
+               np.array(y.reshape(-1, seq_len), dtype=np.int64))
 
 
 def _require_one_window(tokens: np.ndarray, seq_len: int, name: str) -> None:

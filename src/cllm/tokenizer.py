@@ -18,7 +18,7 @@ from .fileio import atomic_write_text
 BYTE_ALPHABET_SIZE = 256
 
 # Character tokenizers need an unk_token name for WordLevel, but it is never in the vocabulary:
-# `encode` refuses unknown characters with a clear error instead of mapping them to a token.
+# encode_batch refuses unknown characters with a clear error instead of mapping them to a token.
 _UNKNOWN_TOKEN = "[UNK]"
 
 # Characters per piece when long texts are cut for the tokenizer (see split_for_encoding):
@@ -88,9 +88,10 @@ def train_char(texts: Iterable[str]) -> Tokenizer:
 def encode_batch(tokenizer: Tokenizer, texts: list[str], what: str) -> list[np.ndarray]:
     """The ids of each text as a uint32 array. `what` names the texts' source in the error
     raised when a character tokenizer meets a character it lacks."""
-    vocab = tokenizer.get_vocab()
-    if isinstance(tokenizer.model, models.WordLevel) and all(len(t) == 1 for t in vocab):
-        return _encode_chars(vocab, texts, what)
+    if isinstance(tokenizer.model, models.WordLevel):
+        vocab = tokenizer.get_vocab()
+        if all(len(token) == 1 for token in vocab):
+            return _encode_chars(vocab, texts, what)
     return [np.array(e.ids, dtype=np.uint32) for e in tokenizer.encode_batch_fast(texts)]
 
 
