@@ -1,0 +1,56 @@
+"""Atomic file writes: a reader sees either the old file or the complete new one, never a part."""
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Yield a binary file that replaces `path` only once the block completes without error.
+
+    The data goes to a hidden temporary file in the same folder (so the final rename cannot cross
+    file systems), is flushed and fsynced, then renamed over `path`; the folder is fsynced so the
+    rename itself survives a power cut. On any error the temporary file is removed and an existing
+    file at `path` is left untouched.
+    """
+    path = Path(path)
+    folder = path.parent
+    temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # O_EXCL: never clobber a file of the same name; 0o666 lets the umask decide permissions,
+    # as for any ordinarily created file (tempfile.mkstemp would force 0o600).
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        # Some file systems (and platforms) refuse fsync on a directory; the rename has still
+        # happened, it is only its durability across a power cut that is not guaranteed there.
+        pass
+    finally:
+        os.close(fd)
