@@ -18,7 +18,7 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport sqrtf, sqrt, log
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t
-from scipy.linalg.cython_blas cimport sgemm
+from scipy.linalg.cython_blas cimport sgemm, sgemv
 
 cnp.import_array()
 
@@ -666,3 +666,132 @@ def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, f
     cdef double loss = crossentropy_forward_backward(&work[0, 0], &targets[0], work.shape[0],
                                                      work.shape[1], dscale, True)
     return loss, np.asarray(work)
+
+
+# ----------------------------------------------------------------------------------------------
+# incremental generation: one token at a time through every layer, with a key/value cache
+
+cdef void matvec_columns(float *out, const float *x, const float *w, const float *b,
+                         int IC, int OC, int j0, int j1) noexcept nogil:
+    """out[j0:j1] = x (IC) @ w[:, j0:j1] + b[j0:j1], w (IC, OC) row-major."""
+    cdef int m = j1 - j0, one = 1
+    cdef float alpha = 1.0, beta = 1.0
+    cdef char trans = b'N'
+    if m <= 0:
+        return
+    memcpy(out + j0, b + j0, m * sizeof(float))
+    # column-major view: w is (OC, IC) with leading dimension OC
+    sgemv(&trans, &m, &IC, &alpha, <float *>w + j0, &OC, <float *>x, &one, &beta, out + j0, &one)
+
+
+cdef void matvec_rows(float *out, const float *x, const float *w, int C, int v0,
+                      int v1) noexcept nogil:
+    """out[v0:v1] = w[v0:v1] (rows of C) @ x (C): the language-model head."""
+    cdef int n = v1 - v0, one = 1
+    cdef float alpha = 1.0, beta = 0.0
+    cdef char trans = b'T'
+    if n <= 0:
+        return
+    sgemv(&trans, &C, &n, &alpha, <float *>w + <Py_ssize_t>v0 * C, &C, <float *>x, &one, &beta,
+          out + v0, &one)
+
+
+cdef class Decoder:
+    """Generation state of one sequence: the key/value cache of every layer for the whole
+    context, allocated once, and the scratch rows of one token. `step` runs one token through
+    the model in nogil code, splitting each matrix-vector product over `threads` threads."""
+    cdef Dims d
+    cdef object layer_offsets_ref, params_ref, buffers
+    cdef const float[::1] params
+    cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
+    cdef float[::1] x, ln, qkv, atty, fch, mean_rstd, logits
+    cdef float[:, ::1] scores                 # (H, n_ctx)
+    cdef int threads
+
+    def __init__(self, dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
+                 int threads):
+        d = &self.d
+        d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
+        d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
+        d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
+        d.head = dims["head"]
+        d.layer = &layer_offsets[0, 0]
+        self.layer_offsets_ref = layer_offsets   # keeps d.layer alive
+        self.params = params
+        self.threads = threads
+        self.k_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
+        self.v_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
+        self.x = np.zeros(d.C, np.float32)
+        self.ln = np.zeros(d.C, np.float32)
+        self.qkv = np.zeros(3 * d.C, np.float32)
+        self.atty = np.zeros(d.C, np.float32)
+        self.fch = np.zeros(d.F, np.float32)
+        self.mean_rstd = np.zeros(2, np.float32)
+        self.logits = np.zeros(d.V, np.float32)
+        self.scores = np.zeros((d.H, d.n_ctx), np.float32)
+
+    cdef void linear_parallel(self, float *out, const float *x, Py_ssize_t w, Py_ssize_t b,
+                              int IC, int OC) noexcept nogil:
+        cdef int t, nt = self.threads
+        cdef const float *p = &self.params[0]
+        for t in prange(nt, num_threads=nt, schedule="static"):
+            matvec_columns(out, x, p + w, p + b, IC, OC, <int>(<long>OC * t // nt),
+                           <int>(<long>OC * (t + 1) // nt))
+
+    cdef void attend_one(self, int l, int pos) noexcept nogil:
+        """atty = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, heads in parallel."""
+        cdef int C = self.d.C, H = self.d.H, hd = C // H
+        cdef int h, j
+        cdef float scale = 1.0 / sqrtf(hd), mx, inv
+        cdef float *s
+        cdef float *y
+        cdef const float *q
+        for h in prange(H, num_threads=self.threads, schedule="static"):
+            q = &self.qkv[h * hd]
+            s = &self.scores[h, 0]
+            y = &self.atty[h * hd]
+            for j in range(pos + 1):
+                s[j] = scale * cllm_row_dot(q, &self.k_cache[l, j, h * hd], hd)
+            mx = cllm_row_max(s, pos + 1)
+            inv = <float>(1.0 / cllm_row_exp_sum(s, pos + 1, mx))
+            memset(y, 0, hd * sizeof(float))
+            for j in range(pos + 1):
+                cllm_row_axpy(y, &self.v_cache[l, j, h * hd], hd, s[j] * inv)
+
+    def step(self, int token, int pos):
+        """Logits (V) of the next token after `token` at position `pos`, the cache holding
+        positions 0..pos-1. The returned array is reused by the next step."""
+        cdef Dims *d = &self.d
+        cdef int C = d.C, F = d.F, V = d.V, l, t, nt = self.threads
+        cdef const Py_ssize_t *o
+        cdef const float *p = &self.params[0]
+        cdef float *x = &self.x[0]
+        cdef float *ln = &self.ln[0]
+        cdef float *qkv = &self.qkv[0]
+        if not (0 <= token < V) or not (0 <= pos < d.n_ctx):
+            raise ValueError(f"token {token} or position {pos} out of range")
+        with nogil:
+            for t in range(C):
+                x[t] = p[d.wte + <Py_ssize_t>token * C + t] + p[d.wpe + <Py_ssize_t>pos * C + t]
+            for l in range(d.L):
+                o = d.layer + l * N_LAYER_TENSORS
+                layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN1_W],
+                                  p + o[LN1_B], 1, C)
+                self.linear_parallel(qkv, ln, o[QKV_W], o[QKV_B], C, 3 * C)
+                memcpy(&self.k_cache[l, pos, 0], qkv + C, C * sizeof(float))
+                memcpy(&self.v_cache[l, pos, 0], qkv + 2 * C, C * sizeof(float))
+                self.attend_one(l, pos)
+                self.linear_parallel(ln, &self.atty[0], o[PROJ_W], o[PROJ_B], C, C)
+                cllm_row_add(x, ln, C)
+                layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN2_W],
+                                  p + o[LN2_B], 1, C)
+                self.linear_parallel(&self.fch[0], ln, o[FC_W], o[FC_B], C, F)
+                cllm_gelu_forward(&self.fch[0], &self.fch[0], F)
+                self.linear_parallel(ln, &self.fch[0], o[FCPROJ_W], o[FCPROJ_B], F, C)
+                cllm_row_add(x, ln, C)
+            layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + d.lnf_w,
+                              p + d.lnf_b, 1, C)
+            for t in prange(nt, num_threads=nt, schedule="static"):
+                matvec_rows(&self.logits[0], ln, p + d.head, C, <int>(<long>V * t // nt),
+                            <int>(<long>V * (t + 1) // nt))
+        return np.asarray(self.logits)

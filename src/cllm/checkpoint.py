@@ -44,6 +44,9 @@ _CHECKPOINT_NAME = re.compile(r"checkpoint_step_(\d+)\.cllm")
 class CllmFile:
     config: ModelConfig
     params: dict[str, np.ndarray]
+    # The parameters as one array in ModelConfig.layout() order, when the file stores them
+    # back to back in that order (save_cllm does), else None.
+    flat: np.ndarray | None
     tokenizer_json: str | None
     optimizer: dict[str, dict[str, np.ndarray]] | None
     training: dict | None
@@ -101,11 +104,16 @@ def load_cllm(path: str | os.PathLike, mmap: bool = True) -> CllmFile:
                                    offset=data_start + begin).reshape(shape)
                for name, (shape, begin) in spans.items()}
     params = {name: tensors[name] for name, _ in config.tensor_shapes()}
+    flat = None
+    layout, size = config.layout()
+    first = spans[next(iter(layout))][1]
+    if all(spans[name][1] - first == 4 * offset for name, (offset, _) in layout.items()):
+        flat = np.frombuffer(buffer, dtype=_FLOAT32, count=size, offset=data_start + first)
     optimizer = None
     if len(tensors) > len(params):
         optimizer = {moment: {name: tensors[f"optim.{moment}.{name}"] for name in params}
                      for moment in MOMENTS}
-    return CllmFile(config, params, tokenizer_json, optimizer, training)
+    return CllmFile(config, params, flat, tokenizer_json, optimizer, training)
 
 
 def _read(path: Path, use_mmap: bool) -> mmap.mmap | bytearray:

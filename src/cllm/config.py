@@ -6,10 +6,6 @@ import json
 import math
 from dataclasses import dataclass
 
-# Each tensor starts on a 64-byte boundary inside the flat buffer so that the SIMD loops of the
-# core see aligned rows; the few padding floats stay zero forever (zero gradient, zero decay).
-ALIGN_FLOATS = 16
-
 # Per-layer tensors in Hugging Face GPT-2 order: (suffix, shape in terms of C, F).
 LAYER_TENSORS = (
     "ln_1.weight", "ln_1.bias",
@@ -81,11 +77,14 @@ class ModelConfig:
         return shapes
 
     def layout(self) -> tuple[dict[str, tuple[int, tuple[int, ...]]], int]:
-        """Name -> (offset, shape) in the flat buffer, and the buffer's total length."""
+        """Name -> (offset, shape) in the flat buffer, and the buffer's total length.
+
+        Tensors lie back to back in tensor_shapes() order, as in a .cllm file, so that a
+        mapped file is itself the flat buffer."""
         offsets, pos = {}, 0
         for name, shape in self.tensor_shapes():
             offsets[name] = (pos, shape)
-            pos += -(-math.prod(shape) // ALIGN_FLOATS) * ALIGN_FLOATS
+            pos += math.prod(shape)
         return offsets, pos
 
     def num_parameters(self) -> int:

@@ -4,12 +4,16 @@ from __future__ import annotations
 import math
 import os
 from collections import OrderedDict
+from typing import Iterator
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from . import _core
+from .checkpoint import load_cllm, save_cllm
 from .config import LAYER_TENSORS, ModelConfig
+from .generate import iter_ids, iter_text
+from .tokenizer import tokenizer_from_json, tokenizer_to_json
 
 _blas_controller = None
 
@@ -73,6 +77,24 @@ class Model:
                 std = residual_std if name.endswith("c_proj.weight") else 0.02
                 view[...] = rng.standard_normal(view.shape) * std
         return model
+
+    def save(self, path) -> None:
+        """Write the model (configuration, tokenizer, parameters) as a .cllm file, atomically."""
+        save_cllm(path, self.params, self.config,
+                  None if self.tokenizer is None else tokenizer_to_json(self.tokenizer))
+
+    @classmethod
+    def load(cls, path, writable: bool = False) -> "Model":
+        """Read a .cllm file. The parameters are the mapped file itself (read-only, shared by
+        every process that loads it) unless `writable`, which copies them."""
+        f = load_cllm(path, mmap=True)
+        flat = f.flat
+        if writable or flat is None:
+            flat = np.empty(f.config.layout()[1], dtype=np.float32)
+            for name, (offset, shape) in f.config.layout()[0].items():
+                flat[offset:offset + math.prod(shape)] = f.params[name].reshape(-1)
+        tokenizer = None if f.tokenizer_json is None else tokenizer_from_json(f.tokenizer_json)
+        return cls(f.config, flat, tokenizer)
 
     @property
     def num_parameters(self) -> int:
@@ -172,6 +194,28 @@ class Model:
         idx, targets, spheres, threads = self._prepare(idx, targets, spheres, threads)
         loss = self._run(idx, targets, spheres, threads, _core.Mode.MODE_GRADS)
         return loss, self._views(self.grad_flat)
+
+    # ---- generation ----
+
+    def generate_ids(self, ids, max_new_tokens: int = 50, temperature: float = 0.8,
+                     top_k: int | None = None, top_p: float | None = None,
+                     seed: int | None = None, threads: int | None = None) -> list[int]:
+        """The new token ids after the prompt ids; temperature 0 is greedy."""
+        return list(iter_ids(self, ids, max_new_tokens, temperature, top_k, top_p, seed, threads))
+
+    def stream(self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               threads: int | None = None) -> Iterator[str]:
+        """The new text in pieces, as it is produced."""
+        return iter_text(self, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=seed, threads=threads)
+
+    def generate(self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 threads: int | None = None) -> str:
+        """The new text after the prompt; the same seed gives the same text."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed,
+                                   threads))
 
     @property
     def grad_flat(self) -> np.ndarray:
