@@ -1,9 +1,12 @@
-"""Cross-check the Hugging Face loader (bench/hf_gpt2.py) against the float64 reference GPT-2.
+"""Cross-check Hugging Face GPT-2 (bench/hf_gpt2.py), the float64 reference GPT-2 and cllm.
 
 Random tiny models, tied and untied, both attention implementations: logits, loss gradients
 and greedy generation must agree, to float32 rounding for the float32 model and to float64
 rounding for the same model cast to float64. Agreement validates the reference's semantics and
-the loader's parameter mapping at once. Exits non-zero on disagreement.
+the loader's parameter mapping at once. Then cllm, given the same weights, must compute the
+same logits, loss and gradients as Hugging Face in float64 (to float32 rounding) and generate
+the same greedy ids as Hugging Face's `generate` with its KV cache. Exits non-zero on
+disagreement.
 
 Run from the repository root: PYTHONPATH=src python bench/check_hf.py
 """
@@ -15,10 +18,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the reference is a test helper
 
 import reference as ref  # noqa: E402
+from cllm import Model  # noqa: E402
 from cllm.config import ModelConfig  # noqa: E402
 from hf_gpt2 import hf_logits, hf_loss_and_grads, hf_model, time_generate  # noqa: E402
 
-TOLERANCE = {"float32": 1e-5, "float64": 1e-10}  # worst error relative to the largest entry
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "cllm vs HF": 1e-4}  # worst error relative to the largest entry
 B, T = 3, 10
 PROMPT, NEW_TOKENS = [3, 1, 4, 1, 5], 6
 
@@ -57,7 +61,23 @@ def check(config, attn_implementation, rng):
         }
     # float64 makes an argmax tie between the two sides vanishingly unlikely.
     generated = time_generate(model, PROMPT, NEW_TOKENS, threads=1)[1]
-    return errors, generated == reference_greedy(params, config, PROMPT, NEW_TOKENS)
+    generation_ok = generated == reference_greedy(params, config, PROMPT, NEW_TOKENS)
+
+    cllm_model = Model(config)
+    for name, value in params.items():
+        cllm_model.params[name][...] = value
+    hf_loss, hf_grads = hf_loss_and_grads(model, config, idx, targets)  # float64 HF
+    loss, grads = cllm_model.loss_and_grads(idx, targets, spheres=2, threads=2)
+    errors["cllm vs HF"] = {
+        "logits": relative_error(cllm_model.forward(idx), hf_logits(model, idx)),
+        "loss": abs(loss - hf_loss) / hf_loss,
+        "grads": max(relative_error(grads[name], hf_grads[name]) for name in hf_grads),
+    }
+    model.float()
+    within_context = config.n_ctx - len(PROMPT)  # HF cannot slide past n_ctx
+    hf_greedy = time_generate(model, PROMPT, within_context, threads=1)[1]
+    cllm_greedy = cllm_model.generate_ids(PROMPT, within_context, temperature=0)
+    return errors, generation_ok and hf_greedy == cllm_greedy
 
 
 def main():
