@@ -18,7 +18,7 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport sqrtf, sqrt, log
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int64_t
-from scipy.linalg.cython_blas cimport sgemm, sgemv
+from scipy.linalg.cython_blas cimport sgemm
 
 cnp.import_array()
 
@@ -33,6 +33,7 @@ cdef extern from "vecmath.h" nogil:
     void cllm_gelu_backward_inplace(float *dout, const float *inp, int n)
     void cllm_row_axpy(float *y, const float *x, int n, float a)
     void cllm_row_add(float *y, const float *x, long n)
+    void cllm_matvec_accumulate(float *y, const float *x, const float *w, int OC, int i0, int i1)
     void cllm_adamw_range(float *p, const float *g, float *m, float *v, long n, float lr,
                           float beta1, float beta2, float eps, float decay, float grad_scale,
                           float bc1, float bc2)
@@ -671,46 +672,26 @@ def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, f
 # ----------------------------------------------------------------------------------------------
 # incremental generation: one token at a time through every layer, with a key/value cache
 
-cdef void matvec_columns(float *out, const float *x, const float *w, const float *b,
-                         int IC, int OC, int j0, int j1) noexcept nogil:
-    """out[j0:j1] = x (IC) @ w[:, j0:j1] + b[j0:j1], w (IC, OC) row-major."""
-    cdef int m = j1 - j0, one = 1
-    cdef float alpha = 1.0, beta = 1.0
-    cdef char trans = b'N'
-    if m <= 0:
-        return
-    memcpy(out + j0, b + j0, m * sizeof(float))
-    # column-major view: w is (OC, IC) with leading dimension OC
-    sgemv(&trans, &m, &IC, &alpha, <float *>w + j0, &OC, <float *>x, &one, &beta, out + j0, &one)
-
-
-cdef void matvec_rows(float *out, const float *x, const float *w, int C, int v0,
-                      int v1) noexcept nogil:
-    """out[v0:v1] = w[v0:v1] (rows of C) @ x (C): the language-model head."""
-    cdef int n = v1 - v0, one = 1
-    cdef float alpha = 1.0, beta = 0.0
-    cdef char trans = b'T'
-    if n <= 0:
-        return
-    sgemv(&trans, &C, &n, &alpha, <float *>w + <Py_ssize_t>v0 * C, &C, <float *>x, &one, &beta,
-          out + v0, &one)
-
-
 cdef class Decoder:
     """Generation state of one sequence: the key/value cache of every layer for the whole
     context, allocated once, and the scratch rows of one token. `step` runs one token through
-    the model in nogil code, splitting each matrix-vector product over `threads` threads."""
+    the model in nogil code, splitting each matrix-vector product over `threads` threads.
+
+    The head is kept transposed, (C, V), so that its product streams whole rows like every
+    other layer's (see cllm_matvec_accumulate)."""
     cdef Dims d
-    cdef object layer_offsets_ref, params_ref, buffers
+    cdef object layer_offsets_ref
     cdef const float[::1] params
+    cdef float[:, ::1] head_t                 # (C, V)
     cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
-    cdef float[::1] x, ln, qkv, atty, fch, mean_rstd, logits
+    cdef float[::1] x, ln, qkv, atty, fch, mean_rstd, logits, zeros
+    cdef float[:, ::1] partial                # (threads, max(3C, F, V)) per-thread sums
     cdef float[:, ::1] scores                 # (H, n_ctx)
     cdef int threads
 
     def __init__(self, dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
                  int threads):
-        d = &self.d
+        cdef Dims *d = &self.d
         d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
         d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
         d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
@@ -719,6 +700,8 @@ cdef class Decoder:
         self.layer_offsets_ref = layer_offsets   # keeps d.layer alive
         self.params = params
         self.threads = threads
+        head = np.asarray(params)[d.head:d.head + d.V * d.C].reshape(d.V, d.C)
+        self.head_t = np.ascontiguousarray(head.T)
         self.k_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
         self.v_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
         self.x = np.zeros(d.C, np.float32)
@@ -728,15 +711,28 @@ cdef class Decoder:
         self.fch = np.zeros(d.F, np.float32)
         self.mean_rstd = np.zeros(2, np.float32)
         self.logits = np.zeros(d.V, np.float32)
+        self.zeros = np.zeros(d.V, np.float32)
+        self.partial = np.zeros((threads, max(3 * d.C, d.F, d.V)), np.float32)
         self.scores = np.zeros((d.H, d.n_ctx), np.float32)
 
-    cdef void linear_parallel(self, float *out, const float *x, Py_ssize_t w, Py_ssize_t b,
-                              int IC, int OC) noexcept nogil:
-        cdef int t, nt = self.threads
-        cdef const float *p = &self.params[0]
+    cdef void matvec(self, float *out, const float *x, const float *w, const float *b,
+                     int IC, int OC) noexcept nogil:
+        """out (OC) = x (IC) @ w (IC, OC) + b: each thread sums a block of rows of w into its
+        own partial vector; the partials are then added in thread order."""
+        cdef int t, nt = self.threads, j
+        cdef float *y
+        if nt == 1:
+            memcpy(out, b, OC * sizeof(float))
+            cllm_matvec_accumulate(out, x, w, OC, 0, IC)
+            return
         for t in prange(nt, num_threads=nt, schedule="static"):
-            matvec_columns(out, x, p + w, p + b, IC, OC, <int>(<long>OC * t // nt),
-                           <int>(<long>OC * (t + 1) // nt))
+            y = &self.partial[t, 0]
+            memset(y, 0, OC * sizeof(float))
+            cllm_matvec_accumulate(y, x, w, OC, <int>(<long>IC * t // nt),
+                                   <int>(<long>IC * (t + 1) // nt))
+        memcpy(out, b, OC * sizeof(float))
+        for t in range(nt):
+            cllm_row_add(out, &self.partial[t, 0], OC)
 
     cdef void attend_one(self, int l, int pos) noexcept nogil:
         """atty = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, heads in parallel."""
@@ -762,7 +758,7 @@ cdef class Decoder:
         """Logits (V) of the next token after `token` at position `pos`, the cache holding
         positions 0..pos-1. The returned array is reused by the next step."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, V = d.V, l, t, nt = self.threads
+        cdef int C = d.C, F = d.F, V = d.V, l, t
         cdef const Py_ssize_t *o
         cdef const float *p = &self.params[0]
         cdef float *x = &self.x[0]
@@ -777,21 +773,19 @@ cdef class Decoder:
                 o = d.layer + l * N_LAYER_TENSORS
                 layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN1_W],
                                   p + o[LN1_B], 1, C)
-                self.linear_parallel(qkv, ln, o[QKV_W], o[QKV_B], C, 3 * C)
+                self.matvec(qkv, ln, p + o[QKV_W], p + o[QKV_B], C, 3 * C)
                 memcpy(&self.k_cache[l, pos, 0], qkv + C, C * sizeof(float))
                 memcpy(&self.v_cache[l, pos, 0], qkv + 2 * C, C * sizeof(float))
                 self.attend_one(l, pos)
-                self.linear_parallel(ln, &self.atty[0], o[PROJ_W], o[PROJ_B], C, C)
+                self.matvec(ln, &self.atty[0], p + o[PROJ_W], p + o[PROJ_B], C, C)
                 cllm_row_add(x, ln, C)
                 layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN2_W],
                                   p + o[LN2_B], 1, C)
-                self.linear_parallel(&self.fch[0], ln, o[FC_W], o[FC_B], C, F)
+                self.matvec(&self.fch[0], ln, p + o[FC_W], p + o[FC_B], C, F)
                 cllm_gelu_forward(&self.fch[0], &self.fch[0], F)
-                self.linear_parallel(ln, &self.fch[0], o[FCPROJ_W], o[FCPROJ_B], F, C)
+                self.matvec(ln, &self.fch[0], p + o[FCPROJ_W], p + o[FCPROJ_B], F, C)
                 cllm_row_add(x, ln, C)
             layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + d.lnf_w,
                               p + d.lnf_b, 1, C)
-            for t in prange(nt, num_threads=nt, schedule="static"):
-                matvec_rows(&self.logits[0], ln, p + d.head, C, <int>(<long>V * t // nt),
-                            <int>(<long>V * (t + 1) // nt))
+            self.matvec(&self.logits[0], ln, &self.head_t[0, 0], &self.zeros[0], C, V)
         return np.asarray(self.logits)
