@@ -487,11 +487,16 @@ cdef void crystalline_target_row(float *q, int y, int V, const int32_t *ulam_xy)
     cdef uint32_t a, b = y + 1
     cdef int v
     cdef double dx, dy, s, total = 0.0
+    # first q[v] = gcd(v + 1, b), exact in float32: Euclid for a <= b, and above b the
+    # subtractive step gcd(a, b) = gcd(a - b, b) reuses an earlier entry
+    for v in range(V):
+        a = v + 1
+        q[v] = <float>(euclid_gcd(a, b) if a <= b else <uint32_t>q[v - b])
     for v in range(V):
         a = v + 1
         dx = ulam_xy[2 * v] - ulam_xy[2 * y]
         dy = ulam_xy[2 * v + 1] - ulam_xy[2 * y + 1]
-        s = 0.7 * euclid_gcd(a, b) / (a if a > b else b) + 0.3 / (1.0 + sqrt(dx * dx + dy * dy))
+        s = 0.7 * q[v] / (a if a > b else b) + 0.3 / (1.0 + sqrt(dx * dx + dy * dy))
         q[v] = <float>s
         total += s
     cllm_row_scale(q, V, <float>(1.0 / total))
