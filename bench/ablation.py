@@ -1,7 +1,7 @@
 """Ablation of the crystalline switches (CRYSTALLINE.md section 6) on Tiny Shakespeare.
 
     PYTHONPATH=src python bench/ablation.py [--steps 1000] [--seeds 3] [--threads 2]
-    PYTHONPATH=src python bench/ablation.py --attention-only
+    PYTHONPATH=src python bench/ablation.py --timing-only
 
 Trains the same budget with no switch, each switch alone and all four together, once per seed:
 character tokens (ids of sorted(set(text))), 90/10 split, C=128, L=4, H=4, T=64, B=12, AdamW
@@ -13,7 +13,9 @@ final validation cross-entropy (plain, whatever the training loss) over fixed va
 windows, its mean and spread over the seeds, its paired difference from no switch, and
 training tokens/s. Writes bench/out/ablation.md and bench/out/ablation.png.
 
-Then times attention alone, forward and backward, Ulam (radius 2) against dense at
+Then measures the training speed of each setting apart from the runs, which share the machine
+with whatever else runs on it: the median step time of each setting, the settings taking turns
+so that they share any contention alike. And it times attention alone, forward and backward, Ulam (radius 2) against dense at
 T = 1024 and 4096: the attention layer kernels on one sequence (C=128, H=4), and a one-layer
 model's training step, both single-threaded.
 """
@@ -33,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line  # noqa: E402
 
 from cllm import Model, ModelConfig, _core, crystal  # noqa: E402
+from cllm.config import GPT2_SWITCHES  # noqa: E402
 from cllm.model import blas_single_threaded  # noqa: E402
 from cllm.optim import AdamW, clip_scale, grad_norm  # noqa: E402
 
@@ -45,13 +48,12 @@ B, T = 12, 64
 LR, MIN_LR, WARMUP_FRACTION = 1e-3, 1e-4, 0.05
 EVAL_BATCHES, CURVE_POINTS, CURVE_BATCHES = 100, 5, 10
 
-OFF = dict(init="normal", position="learned", attention="dense", loss="ce")
 SETTINGS = {
-    "none": OFF,
-    "lattice": {**OFF, "init": "lattice"},
-    "angular": {**OFF, "position": "angular"},
-    "ulam": {**OFF, "attention": "ulam"},
-    "crystalline": {**OFF, "loss": "crystalline"},
+    "none": GPT2_SWITCHES,
+    "lattice": {**GPT2_SWITCHES, "init": "lattice"},
+    "angular": {**GPT2_SWITCHES, "position": "angular"},
+    "ulam": {**GPT2_SWITCHES, "attention": "ulam"},
+    "crystalline": {**GPT2_SWITCHES, "loss": "crystalline"},
     "all four": dict(init="lattice", position="angular", attention="ulam", loss="crystalline"),
 }
 
@@ -188,6 +190,34 @@ def ablation(steps: int, seeds: int, threads: int, data: Path) -> None:
     print(table)
 
 
+def throughput(vocab_size: int, threads: int, rounds=5, steps=20) -> str:
+    """Training tokens/s of each setting from its median step time; the settings take turns,
+    `steps` steps each per round."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab_size, 100_000)
+    runs = {}
+    for name, setting in SETTINGS.items():
+        model = Model.create(ModelConfig(vocab_size=vocab_size, **MODEL, **setting))
+        runs[name] = (model, AdamW(model, lr=LR, betas=(0.9, 0.99), weight_decay=0.1), [])
+    for _ in range(rounds):
+        for name, (model, opt, seconds) in runs.items():
+            for _ in range(steps):
+                x, y = windows(ids, rng, B)
+                start = time.perf_counter()
+                model.loss_and_grads(x, y, threads=threads)
+                scale = clip_scale(grad_norm(model.grad_flat, threads), 1.0)
+                opt.step(model.grad_flat, grad_scale=scale, threads=threads)
+                seconds.append(time.perf_counter() - start)
+    lines = [f"Training speed, median of {(rounds - 1) * steps} steps per setting taken in turns "
+             f"after a round of warm-up, "
+             f"{threads} threads; {machine_line()}; load average {os.getloadavg()[0]:.2f}", "",
+             "| setting | ms/step | tokens/s |", "| --- | --- | --- |"]
+    for name, (_, _, seconds) in runs.items():
+        median = statistics.median(seconds[steps:])   # the first round warms up
+        lines.append(f"| {name} | {1e3 * median:.1f} | {B * T / median:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def median_seconds(fn, repeats: int) -> float:
     fn()  # warm-up: first touch of every buffer
     seconds = []
@@ -198,7 +228,8 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(seconds)
 
 
-def attention_timing(lengths=(1024, 4096), C=128, H=4, radius=2, repeats=3) -> str:
+def attention_timing(vocab_size: int, lengths=(1024, 4096), C=128, H=4, radius=2,
+                     repeats=3) -> str:
     rng = np.random.default_rng(0)
     lines = [f"Attention alone, forward + backward, one sequence, C={C} H={H}, Ulam radius "
              f"{radius}, one thread; {machine_line()}; load average {os.getloadavg()[0]:.2f}",
@@ -218,9 +249,10 @@ def attention_timing(lengths=(1024, 4096), C=128, H=4, radius=2, repeats=3) -> s
             _core.layer_ulam_attention_backward(dy, att, qkv, start, keys)
 
         def model_step(attention):
-            model = Model.create(ModelConfig(vocab_size=65, n_ctx=T_, n_embd=C, n_layer=1,
-                                             n_head=H, attention=attention, ulam_radius=radius))
-            x = rng.integers(0, 65, (1, T_))
+            model = Model.create(ModelConfig(vocab_size=vocab_size, n_ctx=T_, n_embd=C,
+                                             n_layer=1, n_head=H, ulam_radius=radius,
+                                             **{**GPT2_SWITCHES, "attention": attention}))
+            x = rng.integers(0, vocab_size, (1, T_))
             return lambda: model.loss_and_grads(x, x, spheres=1, threads=1)
 
         with blas_single_threaded():
@@ -238,13 +270,15 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--data", type=Path, default=DATA)
-    ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--timing-only", action="store_true",
+                    help="skip the training runs: training speed and attention timing only")
     args = ap.parse_args()
-    if not args.attention_only:
+    if not args.timing_only:
         ablation(args.steps, args.seeds, args.threads, args.data)
     OUT.mkdir(parents=True, exist_ok=True)
-    timing = attention_timing()
-    (OUT / "attention.md").write_text(timing)
+    vocab_size = load_tokens(args.data)[2]
+    timing = throughput(vocab_size, args.threads) + "\n" + attention_timing(vocab_size)
+    (OUT / "timing.md").write_text(timing)
     print(timing)
 
 

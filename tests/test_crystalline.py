@@ -5,20 +5,23 @@ import math
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import crystalline_reference as cref
 import reference as ref
 from cllm import Model, ModelConfig, _core, crystal
+from cllm.config import GPT2_SWITCHES
 from test_core import check_against_reference, f32, model_with_params, rel_err
 from test_generate import greedy_by_full_forwards
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# each switch alone (the others off, whatever the defaults), and all four
 SWITCHES = {
-    "lattice": dict(init="lattice"),
-    "angular": dict(position="angular"),
-    "ulam": dict(attention="ulam", ulam_radius=1),
-    "crystalline": dict(loss="crystalline", crystalline_alpha=0.3),
+    "lattice": {**GPT2_SWITCHES, "init": "lattice"},
+    "angular": {**GPT2_SWITCHES, "position": "angular"},
+    "ulam": {**GPT2_SWITCHES, "attention": "ulam", "ulam_radius": 1},
+    "crystalline": {**GPT2_SWITCHES, "loss": "crystalline", "crystalline_alpha": 0.3},
     "all four": dict(init="lattice", position="angular", attention="ulam", loss="crystalline"),
 }
 
@@ -54,7 +57,7 @@ def test_lattice_table_equals_the_formula():
 
 
 def test_lattice_init_replaces_wte_only():
-    config = ModelConfig(vocab_size=50, n_ctx=8, n_embd=16, n_layer=2, n_head=2)
+    config = ModelConfig(vocab_size=50, n_ctx=8, n_embd=16, n_layer=2, n_head=2, **GPT2_SWITCHES)
     lattice = Model.create(ModelConfig(**{**config.to_dict(), "init": "lattice"}), seed=4)
     normal = Model.create(config, seed=4)
     assert np.array_equal(lattice.params["wte"],
@@ -287,9 +290,9 @@ def test_crystalline_training_reports_plain_cross_entropy(rng):
 
 # ---- generation ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("switch", SWITCHES)
+@pytest.mark.parametrize("switch", ["none", *SWITCHES])
 def test_each_decoder_step_equals_a_full_forward(switch):
-    model = crystalline_model(SWITCHES[switch], n_ctx=20)
+    model = crystalline_model(SWITCHES.get(switch, GPT2_SWITCHES), n_ctx=20)
     ids = np.random.default_rng(1).integers(0, 40, 20)
     decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, 1)
     full = model.forward(ids[None, :])[0]
@@ -323,19 +326,39 @@ def test_invalid_switches(kwargs, message):
 
 
 def test_angular_has_no_wpe():
-    config = ModelConfig(vocab_size=10, n_ctx=8, n_embd=16, n_layer=1, n_head=4,
-                         position="angular")
+    sizes = dict(vocab_size=10, n_ctx=8, n_embd=16, n_layer=1, n_head=4)
+    config = ModelConfig(**sizes, position="angular")
     assert "wpe" not in dict(config.tensor_shapes())
-    assert config.num_parameters() == ModelConfig(
-        vocab_size=10, n_ctx=8, n_embd=16, n_layer=1, n_head=4).num_parameters() - 8 * 16
+    assert config.num_parameters() == \
+        ModelConfig(**sizes, position="learned").num_parameters() - 8 * 16
 
 
-def test_an_older_configuration_takes_the_defaults():
+def test_defaults_follow_the_ablation():
+    config = ModelConfig(vocab_size=10, n_ctx=8, n_embd=16, n_layer=1, n_head=4)
+    assert (config.init, config.position, config.attention, config.ulam_radius, config.loss,
+            config.crystalline_alpha) == ("normal", "angular", "ulam", 2, "ce", 0.1)
+
+
+def test_an_older_configuration_is_gpt2():
+    """A configuration saved before the switches existed keeps meaning what it meant."""
     old = dict(vocab_size=10, n_ctx=8, n_embd=16, n_layer=1, n_head=4, n_inner=64,
                tie_embeddings=True)
     config = ModelConfig.from_dict(old)
-    assert (config.init, config.position, config.attention, config.ulam_radius, config.loss,
-            config.crystalline_alpha) == ("normal", "learned", "dense", 2, "ce", 0.1)
+    assert {name: getattr(config, name) for name in GPT2_SWITCHES} == GPT2_SWITCHES
+    assert "wpe" in dict(config.tensor_shapes())
+
+
+def test_a_file_saved_before_the_switches_loads_as_gpt2(tmp_path):
+    model = crystalline_model(GPT2_SWITCHES)
+    old_config = {k: v for k, v in model.config.to_dict().items()
+                  if k not in (*GPT2_SWITCHES, "ulam_radius", "crystalline_alpha")}
+    metadata = {"format": "cllm", "format_version": "1", "config": json.dumps(old_config)}
+    (tmp_path / "old.cllm").write_bytes(safetensors.numpy.save(dict(model.params),
+                                                               metadata=metadata))
+    loaded = Model.load(tmp_path / "old.cllm")
+    assert loaded.config == model.config
+    ids = np.arange(12)[None, :] % 40
+    assert np.array_equal(loaded.forward(ids), model.forward(ids))
 
 
 def test_switches_survive_save_and_load(tmp_path):

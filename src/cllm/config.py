@@ -17,14 +17,16 @@ LAYER_TENSORS = (
 )
 
 
-# The crystalline switches (CRYSTALLINE.md sections 2 to 5): field -> allowed values, the first
-# being the default.
+# The crystalline switches (CRYSTALLINE.md sections 2 to 5): field -> allowed values.
 SWITCHES = {
     "init": ("normal", "lattice"),
     "position": ("learned", "angular"),
     "attention": ("dense", "ulam"),
     "loss": ("ce", "crystalline"),
 }
+# Every switch off: GPT-2 itself, and what a configuration saved before the switches existed
+# means.
+GPT2_SWITCHES = dict(init="normal", position="learned", attention="dense", loss="ce")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,9 @@ class ModelConfig:
                 Ulam spiral)
     loss        "ce" or "crystalline" (cross-entropy mixed with the GCD/Ulam similarity target,
                 weight crystalline_alpha)
-    Fields absent from an older saved configuration take these defaults."""
+    A switch is on by default where the ablation (bench/ablation.py) showed that it does not
+    lose: angular positions and Ulam attention. A saved configuration without the switch
+    fields predates them and is GPT-2 (GPT2_SWITCHES)."""
     vocab_size: int
     n_ctx: int
     n_embd: int
@@ -46,8 +50,8 @@ class ModelConfig:
     n_inner: int | None = None
     tie_embeddings: bool = True
     init: str = "normal"
-    position: str = "learned"
-    attention: str = "dense"
+    position: str = "angular"
+    attention: str = "ulam"
     ulam_radius: int = 2
     loss: str = "ce"
     crystalline_alpha: float = 0.1
@@ -92,7 +96,7 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**GPT2_SWITCHES, **d})
 
     def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Every parameter tensor, in the order of the flat buffer, with its shape."""
