@@ -15,9 +15,10 @@ training tokens/s. Writes bench/out/ablation.md and bench/out/ablation.png.
 
 Then measures the training speed of each setting apart from the runs, which share the machine
 with whatever else runs on it: the median step time of each setting, the settings taking turns
-so that they share any contention alike. And it times attention alone, forward and backward, Ulam (radius 2) against dense at
-T = 1024 and 4096: the attention layer kernels on one sequence (C=128, H=4), and a one-layer
-model's training step, both single-threaded.
+so that they share any contention alike. And it times attention alone, forward and backward,
+Ulam (radius 2) against dense at T = 1024 and 4096: the attention layer kernels on one
+sequence (C=128, H=4), and a one-layer model's training step, both single-threaded. Both go to
+bench/out/timing.md.
 """
 from __future__ import annotations
 

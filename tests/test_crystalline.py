@@ -182,7 +182,8 @@ def test_ulam_attention_equals_dense_attention_under_the_mask(T, r, nb, H, hd, s
 @given(V=st.integers(1, 120), seed=st.integers(0, 2**32 - 1))
 def test_q_rows_equal_the_formula_and_sum_to_one(V, seed):
     targets = np.random.default_rng(seed).integers(-1, V, (2, 7))
-    q_rows, row_of = _core.crystalline_targets(targets, dict(V=V, ulam_xy=crystal.ulam_points(V)), 2)
+    dims = dict(V=V, ulam_xy=crystal.ulam_points(V))
+    q_rows, row_of = _core.crystalline_targets(targets, dims, 2)
     distinct = sorted(set(targets[targets >= 0].tolist()))
     assert [y for y in range(V) if row_of[y] >= 0] == distinct
     for y in distinct:

@@ -69,12 +69,12 @@ def ulam_neighbours(n_ctx: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
     max(|dx|, |dy|) <= radius between u(p + 1) and u(p' + 1).
 
     They depend on p alone, so the first T rows serve every sequence length T <= n_ctx."""
-    points = ulam_points(n_ctx)
-    position_at = {(int(x), int(y)): p for p, (x, y) in enumerate(points)}
+    points = [ulam(p + 1) for p in range(n_ctx)]
+    position_at = {point: p for p, point in enumerate(points)}
     start, keys = [0], []
     for p, (x, y) in enumerate(points):
-        near = [position_at.get((int(x) + dx, int(y) + dy), n_ctx)
-                for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1)]
-        keys += sorted(q for q in near if q <= p)
+        near = (position_at.get((x + dx, y + dy))
+                for dx in range(-radius, radius + 1) for dy in range(-radius, radius + 1))
+        keys += sorted(q for q in near if q is not None and q <= p)
         start.append(len(keys))
     return np.array(start, dtype=np.int32), np.array(keys, dtype=np.int32)
