@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the
 
 import reference as ref  # noqa: E402
 from cllm import Model  # noqa: E402
-from cllm.config import ModelConfig  # noqa: E402
+from cllm.config import GPT2_SWITCHES, ModelConfig  # noqa: E402
 from hf_gpt2 import hf_logits, hf_loss_and_grads, hf_model, time_generate  # noqa: E402
 
 TOLERANCE = {"float32": 1e-5, "float64": 1e-10, "cllm vs HF": 1e-4}  # worst error relative to the largest entry
@@ -85,7 +85,7 @@ def main():
     all_ok = True
     for tie_embeddings in (True, False):
         config = ModelConfig(vocab_size=50, n_ctx=12, n_embd=16, n_layer=2, n_head=4, n_inner=40,
-                             tie_embeddings=tie_embeddings)
+                             tie_embeddings=tie_embeddings, **GPT2_SWITCHES)
         for attn_implementation in ("sdpa", "eager"):
             errors, generation_ok = check(config, attn_implementation, rng)
             ok = generation_ok and all(err <= TOLERANCE[precision]

@@ -11,8 +11,11 @@ import time
 
 import numpy as np
 
+from cllm.config import GPT2_SWITCHES
+
+# GPT-2 itself (every crystalline switch off), to compare with Hugging Face GPT-2
 SEED_CONFIG = dict(vocab_size=30000, n_ctx=256, n_embd=384, n_layer=6, n_head=12, n_inner=1536,
-                   tie_embeddings=True)
+                   tie_embeddings=True, **GPT2_SWITCHES)
 
 
 def cpu_model() -> str:

@@ -5,7 +5,9 @@ central finite differences (tests/test_reference.py) and against Hugging Face (b
 
 Semantics are GPT-2's exactly: pre-LayerNorm blocks, LayerNorm eps 1e-5, tanh-approximated GELU,
 causal softmax attention scaled by 1/sqrt(head_dim), learned absolute position embeddings, and
-Hugging Face Conv1D linear layers (y = x @ W + b with W of shape (in, out)).
+Hugging Face Conv1D linear layers (y = x @ W + b with W of shape (in, out)). The configuration's
+crystalline switches (position, attention, loss) replace the matching parts with the
+transcriptions of crystalline_reference.py.
 
 Every layer kind has a forward function returning (output, cache) and a backward function taking
 (upstream gradient, cache). Shapes: B batch, T time, C n_embd, H n_head, hd head_dim, F n_inner,
@@ -14,6 +16,8 @@ V vocab_size; "..." means any leading shape.
 from __future__ import annotations
 
 import numpy as np
+
+import crystalline_reference as crystal
 
 LAYERNORM_EPS = 1e-5
 GELU_COEFF = 0.044715
@@ -157,11 +161,15 @@ def cross_entropy_backward(dloss, cache):
     return (probs - one_hot) * (counted[..., None] * (dloss / n_counted))
 
 
-def block_forward(x, p, n_head):
-    """x (B, T, C) -> (B, T, C); p maps the LAYER_TENSORS suffixes to one layer's tensors."""
+def block_forward(x, p, n_head, angles=None, mask=None):
+    """x (B, T, C) -> (B, T, C); p maps the LAYER_TENSORS suffixes to one layer's tensors.
+    angles (T, H, hd/2), when given, rotate q and k (angular positions); mask (T, T) defaults
+    to the causal one."""
     ln_1, ln_1_cache = layernorm_forward(x, p["ln_1.weight"], p["ln_1.bias"])
     qkv, c_attn_cache = linear_forward(ln_1, p["attn.c_attn.weight"], p["attn.c_attn.bias"])
-    attn, attn_cache = attention_forward(qkv, n_head)
+    if angles is not None:
+        qkv = crystal.rotate_qk_forward(qkv, angles)
+    attn, attn_cache = attention_forward(qkv, n_head, mask)
     attn_proj, attn_proj_cache = linear_forward(attn, p["attn.c_proj.weight"], p["attn.c_proj.bias"])
     x = x + attn_proj
     ln_2, ln_2_cache = layernorm_forward(x, p["ln_2.weight"], p["ln_2.bias"])
@@ -169,13 +177,13 @@ def block_forward(x, p, n_head):
     act, gelu_cache = gelu_forward(fc)
     mlp_proj, mlp_proj_cache = linear_forward(act, p["mlp.c_proj.weight"], p["mlp.c_proj.bias"])
     x = x + mlp_proj
-    return x, (ln_1_cache, c_attn_cache, attn_cache, attn_proj_cache,
+    return x, (ln_1_cache, c_attn_cache, angles, attn_cache, attn_proj_cache,
                ln_2_cache, c_fc_cache, gelu_cache, mlp_proj_cache)
 
 
 def block_backward(dx, cache):
     """dx (B, T, C) -> dx (B, T, C) and the gradients of the layer's tensors by suffix."""
-    (ln_1_cache, c_attn_cache, attn_cache, attn_proj_cache,
+    (ln_1_cache, c_attn_cache, angles, attn_cache, attn_proj_cache,
      ln_2_cache, c_fc_cache, gelu_cache, mlp_proj_cache) = cache
     g = {}
     d_act, g["mlp.c_proj.weight"], g["mlp.c_proj.bias"] = linear_backward(dx, mlp_proj_cache)
@@ -185,6 +193,8 @@ def block_backward(dx, cache):
     dx = dx + d_resid
     d_attn, g["attn.c_proj.weight"], g["attn.c_proj.bias"] = linear_backward(dx, attn_proj_cache)
     d_qkv = attention_backward(d_attn, attn_cache)
+    if angles is not None:
+        d_qkv = crystal.rotate_qk_backward(d_qkv, angles)
     d_ln_1, g["attn.c_attn.weight"], g["attn.c_attn.bias"] = linear_backward(d_qkv, c_attn_cache)
     d_resid, g["ln_1.weight"], g["ln_1.bias"] = layernorm_backward(d_ln_1, ln_1_cache)
     return dx + d_resid, g
@@ -208,10 +218,17 @@ def _forward_with_caches(params, config, idx):
         raise ValueError(f"sequence length {T} exceeds n_ctx {config.n_ctx}")
     if ((idx < 0) | (idx >= config.vocab_size)).any():
         raise ValueError(f"token ids must lie in [0, {config.vocab_size})")
-    x = params["wte"][idx] + params["wpe"][:T]                    # (B, T, C)
+    x = params["wte"][idx]                                        # (B, T, C)
+    angles = mask = None
+    if config.position == "learned":
+        x = x + params["wpe"][:T]
+    else:
+        angles = crystal.angular_angles(range(T), config.n_head, config.n_embd // config.n_head)
+    if config.attention == "ulam":
+        mask = crystal.ulam_mask(T, config.ulam_radius)
     block_caches = []
     for i in range(config.n_layer):
-        x, cache = block_forward(x, layer_params(params, i), config.n_head)
+        x, cache = block_forward(x, layer_params(params, i), config.n_head, angles, mask)
         block_caches.append(cache)
     x_final, ln_f_cache = layernorm_forward(x, params["ln_f.weight"], params["ln_f.bias"])
     logits = x_final @ head_weight(params, config).T              # (B, T, V)
@@ -223,12 +240,30 @@ def gpt2_forward(params, config, idx):
     return _forward_with_caches(params, config, idx)[0]
 
 
+def training_loss_forward(logits, targets, config):
+    """The mean training loss of config.loss, and the cache of its backward."""
+    if config.loss == "crystalline":
+        return crystal.crystalline_loss_forward(logits, targets, config.crystalline_alpha)
+    return cross_entropy_forward(logits, targets)
+
+
+def training_loss_backward(dloss, cache, config):
+    if config.loss == "crystalline":
+        return crystal.crystalline_loss_backward(dloss, cache)
+    return cross_entropy_backward(dloss, cache)
+
+
+def gpt2_loss(params, config, idx, targets):
+    """The mean training loss (config.loss) of targets (B, T)."""
+    return training_loss_forward(gpt2_forward(params, config, idx), targets, config)[0]
+
+
 def gpt2_loss_and_grads(params, config, idx, targets):
-    """Mean cross-entropy of targets (B, T) (targets[b, t] labels position t; -1 is ignored)
-    and its gradient for every parameter, as a dict with the names of params."""
+    """Mean training loss (config.loss) of targets (B, T) (targets[b, t] labels position t;
+    -1 is ignored) and its gradient for every parameter, as a dict with the names of params."""
     logits, (idx, block_caches, ln_f_cache, x_final) = _forward_with_caches(params, config, idx)
-    loss, ce_cache = cross_entropy_forward(logits, targets)
-    dlogits = cross_entropy_backward(1.0, ce_cache)               # (B, T, V)
+    loss, loss_cache = training_loss_forward(logits, targets, config)
+    dlogits = training_loss_backward(1.0, loss_cache, config)    # (B, T, V)
     V, C = config.vocab_size, config.n_embd
     grads = {}
     d_head = dlogits.reshape(-1, V).T @ x_final.reshape(-1, C)    # (V, C)
@@ -239,9 +274,9 @@ def gpt2_loss_and_grads(params, config, idx, targets):
         grads.update({f"h.{i}.{suffix}": g for suffix, g in layer_grads.items()})
     d_wte = np.zeros_like(params["wte"])
     np.add.at(d_wte, idx, dx)                                     # repeated tokens accumulate
-    d_wpe = np.zeros_like(params["wpe"])
-    d_wpe[:idx.shape[1]] = dx.sum(axis=0)
-    grads["wpe"] = d_wpe
+    if config.position == "learned":
+        grads["wpe"] = np.zeros_like(params["wpe"])
+        grads["wpe"][:idx.shape[1]] = dx.sum(axis=0)
     if config.tie_embeddings:
         grads["wte"] = d_wte + d_head
     else:

@@ -13,10 +13,10 @@ from cllm import fileio
 from cllm.checkpoint import (
     checkpoint_path, list_checkpoints, load_cllm, prune_checkpoints, save_cllm,
 )
-from cllm.config import ModelConfig
+from cllm.config import GPT2_SWITCHES, ModelConfig
 from cllm.errors import CheckpointError
 
-CONFIG = ModelConfig(vocab_size=11, n_ctx=8, n_embd=4, n_layer=2, n_head=2)
+CONFIG = ModelConfig(vocab_size=11, n_ctx=8, n_embd=4, n_layer=2, n_head=2, **GPT2_SWITCHES)
 TOKENIZER_JSON = '{"model": {"type": "WordLevel", "vocab": {"é": 0}}}'
 TRAINING = {"step": 7, "rng": {"state": 2**100, "inc": 3}, "position": [1, 2], "args": {"lr": 3e-4}}
 

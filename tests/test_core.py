@@ -5,6 +5,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import reference as ref
 from cllm import Model, ModelConfig, _core
+from cllm.config import GPT2_SWITCHES
 
 
 def rel_err(actual, expected, floor=1e-30):
@@ -102,10 +103,13 @@ def check_against_reference(config, B, T, rng, spheres=12, threads=2, ignore_fra
     targets[rng.random((B, T)) < ignore_fraction] = -1
     targets[0, 0] = rng.integers(0, config.vocab_size)  # at least one target
     logits = model.forward(idx, spheres=spheres, threads=threads)
-    assert rel_err(logits, ref.gpt2_forward(params64, config, idx)) < 1e-4
+    logits_ref = ref.gpt2_forward(params64, config, idx)
+    assert rel_err(logits, logits_ref) < 1e-4
     loss, grads = model.loss_and_grads(idx, targets, spheres=spheres, threads=threads)
     loss_ref, grads_ref = ref.gpt2_loss_and_grads(params64, config, idx, targets)
     assert abs(loss - loss_ref) <= 1e-4 * abs(loss_ref)
+    ce_ref = ref.cross_entropy_forward(logits_ref, targets)[0]
+    assert abs(model.last_ce - ce_ref) <= 1e-4 * abs(ce_ref)
     assert abs(model.loss(idx, targets, spheres=spheres, threads=threads) - loss_ref) <= 1e-4 * abs(loss_ref)
     assert list(grads) == list(grads_ref)
     grad_scale = max(np.abs(g).max() for g in grads_ref.values())
@@ -115,7 +119,8 @@ def check_against_reference(config, B, T, rng, spheres=12, threads=2, ignore_fra
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_model_matches_reference(rng, tied):
-    config = ModelConfig(vocab_size=97, n_ctx=24, n_embd=32, n_layer=3, n_head=4, tie_embeddings=tied)
+    config = ModelConfig(vocab_size=97, n_ctx=24, n_embd=32, n_layer=3, n_head=4, tie_embeddings=tied,
+                         **GPT2_SWITCHES)
     check_against_reference(config, B=5, T=20, rng=rng, spheres=3)
 
 
@@ -129,7 +134,7 @@ def test_model_matches_reference_random_shapes(data):
         vocab_size=data.draw(st.integers(2, 60)), n_ctx=data.draw(st.integers(1, 12)),
         n_embd=n_embd, n_layer=data.draw(st.integers(1, 3)),
         n_head=n_head, n_inner=data.draw(st.none() | st.integers(1, 20)),
-        tie_embeddings=data.draw(st.booleans()))
+        tie_embeddings=data.draw(st.booleans()), **GPT2_SWITCHES)
     B = data.draw(st.integers(1, 15))
     T = data.draw(st.sampled_from(sorted({1, config.n_ctx, max(1, config.n_ctx // 2)})))
     spheres = data.draw(st.integers(1, 13))
@@ -139,7 +144,8 @@ def test_model_matches_reference_random_shapes(data):
 
 def test_gradients_match_finite_differences(rng):
     """The core's float32 gradient against central differences of the float64 reference loss."""
-    config = ModelConfig(vocab_size=13, n_ctx=6, n_embd=8, n_layer=2, n_head=2, tie_embeddings=False)
+    config = ModelConfig(vocab_size=13, n_ctx=6, n_embd=8, n_layer=2, n_head=2, tie_embeddings=False,
+                         **GPT2_SWITCHES)
     model, params64 = model_with_params(config, rng, scale=0.3)
     idx, targets = rng.integers(0, 13, (3, 6)), rng.integers(0, 13, (3, 6))
     targets[1, 2] = -1
@@ -162,7 +168,7 @@ def test_gradients_match_finite_differences(rng):
 
 @pytest.mark.parametrize("spheres", [1, 5, 12])
 def test_bitwise_identical_for_every_thread_count(rng, spheres):
-    config = ModelConfig(vocab_size=71, n_ctx=16, n_embd=24, n_layer=2, n_head=3)
+    config = ModelConfig(vocab_size=71, n_ctx=16, n_embd=24, n_layer=2, n_head=3, **GPT2_SWITCHES)
     model, _ = model_with_params(config, rng)
     idx, targets = rng.integers(0, 71, (9, 16)), rng.integers(-1, 71, (9, 16))
     results = []

@@ -4,12 +4,13 @@ import pytest
 from scipy.special import erf
 
 import reference as ref
-from cllm.config import ModelConfig
+from cllm.config import GPT2_SWITCHES, ModelConfig
 
 FD_STEP = 1e-5
 RTOL = 1e-6
 
-TINY = dict(vocab_size=11, n_ctx=6, n_embd=8, n_layer=2, n_head=2)  # n_ctx > T leaves wpe rows unused
+TINY = dict(vocab_size=11, n_ctx=6, n_embd=8, n_layer=2, n_head=2,  # n_ctx > T leaves wpe rows unused
+            **GPT2_SWITCHES)
 B, T = 3, 5
 
 

@@ -8,6 +8,10 @@ parameters in one flat float32 buffer addressed through offsets. Matrices are ro
 Notation: N rows (= sequences of a sphere x T), C width, F inner width, V vocabulary, H heads,
 hd = C / H, T sequence length.
 
+The crystalline switches (CRYSTALLINE.md sections 3 to 5) are branches at the call sites of
+their own layer functions: angular rotation of q and k, Ulam sparse attention, the crystalline
+loss. Off, they cost one test per layer.
+
 Determinism: a sphere's work is done entirely by one thread with single-threaded BLAS, into
 buffers of that sphere, so its result does not depend on which thread ran it or how many
 threads there are; the reduction adds sphere buffers in the fixed order 0..S-1.
@@ -17,7 +21,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrtf, sqrt, log
 from libc.string cimport memset, memcpy
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint32_t
 from scipy.linalg.cython_blas cimport sgemm
 
 cnp.import_array()
@@ -54,6 +58,44 @@ cdef struct Dims:
     int V, C, F, L, H, n_ctx, tied
     Py_ssize_t wte, wpe, lnf_w, lnf_b, head   # head = wte when tied, else lm_head.weight
     const Py_ssize_t *layer                   # (L, N_LAYER_TENSORS) offsets
+    bint angular                # position="angular": no wpe; q, k rotated in every layer
+    const float *rot_cos        # (n_ctx, H, hd/2) cos theta(p, h, i)
+    const float *rot_sin        # (n_ctx, H, hd/2) sin theta(p, h, i)
+    bint ulam                   # attention="ulam": sparse attention over neighbour lists
+    const int32_t *ulam_start   # (n_ctx + 1) query p attends to keys
+    const int32_t *ulam_keys    #   ulam_keys[ulam_start[p]:ulam_start[p + 1]], ascending
+    bint crystalline            # loss="crystalline"
+    float alpha                 # its weight
+    const float *q_rows         # (U, V) q_y of the distinct targets of the batch being run
+    const int32_t *q_row_of     # (V) row of target y in q_rows (-1: not a target)
+
+
+cdef int dims_from_dict(Dims *d, dict dims, const Py_ssize_t[:, ::1] layer_offsets) except -1:
+    """Fill d from Model._dims; the arrays it points into stay owned by that dict."""
+    cdef const float[:, ::1] table
+    cdef const int32_t[::1] index
+    d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
+    d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
+    d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
+    d.head = dims["head"]
+    d.layer = &layer_offsets[0, 0]
+    d.angular, d.ulam, d.crystalline = dims["angular"], dims["ulam"], dims["crystalline"]
+    d.alpha = dims["alpha"]
+    d.rot_cos = d.rot_sin = NULL
+    d.ulam_start = d.ulam_keys = NULL
+    d.q_rows = NULL
+    d.q_row_of = NULL
+    if d.angular:
+        table = dims["rot_cos"]
+        d.rot_cos = &table[0, 0]
+        table = dims["rot_sin"]
+        d.rot_sin = &table[0, 0]
+    if d.ulam:
+        index = dims["ulam_start"]
+        d.ulam_start = &index[0]
+        index = dims["ulam_keys"]
+        d.ulam_keys = &index[0]
+    return 0
 
 
 cdef struct Acts:
@@ -101,17 +143,20 @@ cdef inline void matmul(bint trans_a, bint trans_b, int M, int N, int K, float a
 
 
 # ----------------------------------------------------------------------------------------------
-# encoder: x0 = wte[idx] + wpe[pos]
+# encoder: x0 = wte[idx] + wpe[pos]; wpe is NULL with angular positions (x0 = wte[idx])
 
 cdef void encoder_forward(float *out, const int64_t *idx, const float *wte, const float *wpe,
                           int nb, int T, int C) noexcept nogil:
-    # out (nb*T, C), idx (nb*T), wte (V, C), wpe (n_ctx, C)
+    # out (nb*T, C), idx (nb*T), wte (V, C), wpe (n_ctx, C) or NULL
     cdef int n, t, c
     cdef const float *tok
     cdef const float *pos
     for n in range(nb * T):
         t = n % T
         tok = wte + idx[n] * C
+        if wpe == NULL:
+            memcpy(out + n * C, tok, C * sizeof(float))
+            continue
         pos = wpe + t * C
         for c in range(C):
             out[n * C + c] = tok[c] + pos[c]
@@ -119,11 +164,49 @@ cdef void encoder_forward(float *out, const int64_t *idx, const float *wte, cons
 
 cdef void encoder_backward(float *dwte, float *dwpe, const float *dout, const int64_t *idx,
                            int nb, int T, int C) noexcept nogil:
-    # dwte (V, C) and dwpe (n_ctx, C) accumulate dout (nb*T, C), rows in order
+    # dwte (V, C) and dwpe (n_ctx, C) or NULL accumulate dout (nb*T, C), rows in order
     cdef int n
     for n in range(nb * T):
         cllm_row_add(dwte + idx[n] * C, dout + n * C, C)
-        cllm_row_add(dwpe + (n % T) * C, dout + n * C, C)
+        if dwpe != NULL:
+            cllm_row_add(dwpe + (n % T) * C, dout + n * C, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# angular positions: pair (2i, 2i+1) of head h of q and of k at position p turned by
+# theta(p, h, i). A row's C/2 pairs line up with the (H, hd/2) table row of its position.
+
+cdef inline void rotate_pair(float *x, float c, float s) noexcept nogil:
+    cdef float x0 = x[0], x1 = x[1]
+    x[0] = x0 * c - x1 * s
+    x[1] = x0 * s + x1 * c
+
+
+cdef inline void rotate_qk(float *qk, const float *cos, const float *sin, int C,
+                           float direction) noexcept nogil:
+    # qk (2C): q then k of one position; cos, sin (C/2); direction -1 turns back (transposes)
+    cdef int j
+    for j in range(C // 2):
+        rotate_pair(qk + 2 * j, cos[j], direction * sin[j])
+        rotate_pair(qk + C + 2 * j, cos[j], direction * sin[j])
+
+
+cdef void angular_forward(float *qkv, const float *cos, const float *sin,
+                          int nb, int T, int C) noexcept nogil:
+    # qkv (nb*T, 3C): q and k rotated in place; cos, sin (n_ctx, C/2)
+    cdef int n
+    for n in range(nb * T):
+        rotate_qk(qkv + <Py_ssize_t>n * 3 * C, cos + (n % T) * (C // 2),
+                  sin + (n % T) * (C // 2), C, 1.0)
+
+
+cdef void angular_backward(float *dqkv, const float *cos, const float *sin,
+                           int nb, int T, int C) noexcept nogil:
+    # dqkv (nb*T, 3C): the gradient of rotated q, k becomes that of q, k (inverse rotation)
+    cdef int n
+    for n in range(nb * T):
+        rotate_qk(dqkv + <Py_ssize_t>n * 3 * C, cos + (n % T) * (C // 2),
+                  sin + (n % T) * (C // 2), C, -1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +363,82 @@ cdef void attention_backward(float *dqkv, float *datt, const float *dout, const 
 
 
 # ----------------------------------------------------------------------------------------------
+# Ulam spiral attention: query t attends to keys[start[t]:start[t+1]] only (positions <= t
+# near it on the spiral), so the cost is O(T (2r+1)^2 hd) rather than O(T^2 hd).
+
+cdef void ulam_attention_forward(float *out, float *att, const float *qkv, const int32_t *start,
+                                 const int32_t *keys, int nb, int T, int C,
+                                 int H) noexcept nogil:
+    # out (nb*T, C), att (nb, H, start[T]) probabilities of the allowed pairs, qkv (nb*T, 3C)
+    cdef int hd = C // H, nnz = start[T]
+    cdef int b, h, t, j, n
+    cdef float scale = 1.0 / sqrtf(hd)
+    cdef float mx, inv
+    cdef const float *seq
+    cdef const float *q
+    cdef const int32_t *key
+    cdef float *a
+    cdef float *y
+    for b in range(nb):
+        seq = qkv + <Py_ssize_t>b * T * 3 * C
+        for h in range(H):
+            for t in range(T):
+                q = seq + t * 3 * C + h * hd
+                key = keys + start[t]
+                n = start[t + 1] - start[t]
+                a = att + (<Py_ssize_t>b * H + h) * nnz + start[t]
+                for j in range(n):
+                    a[j] = scale * cllm_row_dot(q, seq + key[j] * 3 * C + C + h * hd, hd)
+                mx = cllm_row_max(a, n)
+                inv = <float>(1.0 / cllm_row_exp_sum(a, n, mx))
+                cllm_row_scale(a, n, inv)
+                y = out + (<Py_ssize_t>b * T + t) * C + h * hd
+                memset(y, 0, hd * sizeof(float))
+                for j in range(n):
+                    cllm_row_axpy(y, seq + key[j] * 3 * C + 2 * C + h * hd, hd, a[j])
+
+
+cdef void ulam_attention_backward(float *dqkv, float *datt, const float *dout, const float *att,
+                                  const float *qkv, const int32_t *start, const int32_t *keys,
+                                  int nb, int T, int C, int H) noexcept nogil:
+    # dqkv (nb*T, 3C) overwritten, datt (most keys of a query) scratch, dout (nb*T, C),
+    # att (nb, H, start[T])
+    cdef int hd = C // H, nnz = start[T]
+    cdef int b, h, t, j, n
+    cdef float scale = 1.0 / sqrtf(hd)
+    cdef float s
+    cdef const float *seq
+    cdef const float *q
+    cdef const float *dy
+    cdef const float *a
+    cdef const int32_t *key
+    cdef float *dseq
+    memset(dqkv, 0, <Py_ssize_t>nb * T * 3 * C * sizeof(float))
+    for b in range(nb):
+        seq = qkv + <Py_ssize_t>b * T * 3 * C
+        dseq = dqkv + <Py_ssize_t>b * T * 3 * C
+        for h in range(H):
+            for t in range(T):
+                q = seq + t * 3 * C + h * hd
+                dy = dout + (<Py_ssize_t>b * T + t) * C + h * hd
+                key = keys + start[t]
+                n = start[t + 1] - start[t]
+                a = att + (<Py_ssize_t>b * H + h) * nnz + start[t]
+                # datt_j = dy . v_j ; dv_j += a_j dy
+                for j in range(n):
+                    datt[j] = cllm_row_dot(dy, seq + key[j] * 3 * C + 2 * C + h * hd, hd)
+                    cllm_row_axpy(dseq + key[j] * 3 * C + 2 * C + h * hd, dy, hd, a[j])
+                # softmax backward, scaled: dscore_j = scale a_j (datt_j - sum(a datt));
+                # dq += dscore_j k_j ; dk_j += dscore_j q
+                s = cllm_row_dot(a, datt, n)
+                for j in range(n):
+                    datt[j] = scale * a[j] * (datt[j] - s)
+                    cllm_row_axpy(dseq + t * 3 * C + h * hd, seq + key[j] * 3 * C + C + h * hd,
+                                  hd, datt[j])
+                    cllm_row_axpy(dseq + key[j] * 3 * C + C + h * hd, q, hd, datt[j])
+
+
+# ----------------------------------------------------------------------------------------------
 # softmax cross-entropy over the vocabulary
 
 cdef double crossentropy_forward_backward(float *logits, const int64_t *targets, int N, int V,
@@ -311,26 +470,120 @@ cdef double crossentropy_forward_backward(float *logits, const int64_t *targets,
 
 
 # ----------------------------------------------------------------------------------------------
+# crystalline loss: cross-entropy mixed with a structured target q_y over the vocabulary,
+#   s(a, b) = 0.7 gcd(a, b) / max(a, b) + 0.3 / (1 + ||u(a) - u(b)||_2),  a = v + 1, b = y + 1
+#   q_y(v) = s(v + 1, y + 1) / sum over w of s(w + 1, y + 1)
+
+cdef inline uint32_t euclid_gcd(uint32_t a, uint32_t b) noexcept nogil:
+    cdef uint32_t r
+    while b:
+        r = a % b
+        a = b
+        b = r
+    return a
+
+
+cdef void crystalline_target_row(float *q, int y, int V, const int32_t *ulam_xy) noexcept nogil:
+    # q (V) <- q_y; ulam_xy (V, 2) the spiral points u(1) .. u(V)
+    cdef uint32_t a, b = y + 1
+    cdef int v
+    cdef double dx, dy, s, total = 0.0
+    # first q[v] = gcd(v + 1, b), exact in float32: Euclid for a <= b, and above b the
+    # subtractive step gcd(a, b) = gcd(a - b, b) reuses an earlier entry
+    for v in range(V):
+        a = v + 1
+        q[v] = <float>(euclid_gcd(a, b) if a <= b else <uint32_t>q[v - b])
+    for v in range(V):
+        a = v + 1
+        dx = ulam_xy[2 * v] - ulam_xy[2 * y]
+        dy = ulam_xy[2 * v + 1] - ulam_xy[2 * y + 1]
+        s = 0.7 * q[v] / (a if a > b else b) + 0.3 / (1.0 + sqrt(dx * dx + dy * dy))
+        q[v] = <float>s
+        total += s
+    cllm_row_scale(q, V, <float>(1.0 / total))
+
+
+cdef double crystalline_forward_backward(float *logits, double *ce, const int64_t *targets,
+                                         int N, int V, const float *q_rows,
+                                         const int32_t *q_row_of, float alpha, float dscale,
+                                         bint backward) noexcept nogil:
+    """Sum over rows with target != -1 of (1 - alpha) (-log p_y) + alpha (-sum_v q_y(v) log p_v);
+    the plain cross-entropy sum goes to *ce.
+
+    With `backward`, logits (N, V) are replaced by
+    d loss / d logits = dscale * (p - (1 - alpha) onehot(y) - alpha q_y), zero on ignored rows."""
+    cdef int n, v
+    cdef int64_t y
+    cdef float mx, target_logit
+    cdef double total = 0.0, plain = 0.0, z, logz, row_ce, qdot
+    cdef float *row
+    cdef const float *q
+    for n in range(N):
+        row = logits + <Py_ssize_t>n * V
+        y = targets[n]
+        if y < 0:
+            if backward:
+                memset(row, 0, V * sizeof(float))
+            continue
+        q = q_rows + <Py_ssize_t>q_row_of[y] * V
+        mx = cllm_row_max(row, V)
+        target_logit = row[y]
+        qdot = 0.0   # sum_v q_y(v) (logit_v - mx), before exp overwrites the row
+        for v in range(V):
+            qdot = qdot + q[v] * (row[v] - mx)
+        z = cllm_row_exp_sum(row, V, mx)
+        logz = log(z)
+        row_ce = logz - (target_logit - mx)
+        plain += row_ce
+        total += (1.0 - alpha) * row_ce + alpha * (logz - qdot)
+        if backward:
+            cllm_row_scale(row, V, <float>(dscale / z))
+            cllm_row_axpy(row, q, V, -dscale * alpha)
+            row[y] -= dscale * (1.0 - alpha)
+    ce[0] = plain
+    return total
+
+
+def crystalline_targets(const int64_t[:, ::1] targets, dict dims, int threads):
+    """(q_rows (U, V) float32, q_row_of (V) int32): q_y of each distinct target y of a batch,
+    rows computed in parallel, each by one thread."""
+    cdef int V = dims["V"], i
+    cdef const int32_t[:, ::1] ulam_xy = dims["ulam_xy"]
+    cdef const int32_t[::1] ys = np.unique(np.asarray(targets)[np.asarray(targets) >= 0]
+                                           ).astype(np.int32)
+    cdef int U = ys.shape[0]
+    row_of = np.full(V, -1, np.int32)
+    row_of[np.asarray(ys)] = np.arange(U, dtype=np.int32)
+    cdef float[:, ::1] q_rows = np.empty((max(U, 1), V), np.float32)
+    for i in prange(U, nogil=True, num_threads=threads, schedule="dynamic"):
+        crystalline_target_row(&q_rows[i, 0], ys[i], V, &ulam_xy[0, 0])
+    return np.asarray(q_rows), row_of
+
+
+# ----------------------------------------------------------------------------------------------
 # one sphere: forward (and backward) over its sequences
 
 cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *a,
                         const int64_t *idx, const int64_t *targets, float *logits_out,
-                        int nb, int T, int mode, float dscale) noexcept nogil:
+                        int nb, int T, int mode, float dscale, double *ce) noexcept nogil:
     """Run nb sequences (idx, targets: (nb*T)) as one block of N = nb*T rows.
 
-    Returns the summed loss (MODE_LOSS, MODE_GRADS); in MODE_GRADS overwrites this sphere's
-    gradient buffer `grads`; in MODE_LOGITS copies the logits to logits_out (nb*T, V)."""
+    Returns the summed training loss (MODE_LOSS, MODE_GRADS) and leaves the summed plain
+    cross-entropy in *ce; in MODE_GRADS overwrites this sphere's gradient buffer `grads`; in
+    MODE_LOGITS copies the logits to logits_out (nb*T, V)."""
     cdef int C = d.C, F = d.F, V = d.V, H = d.H, L = d.L
     cdef int N = nb * T
     cdef Py_ssize_t NC = <Py_ssize_t>N * C, NF = <Py_ssize_t>N * F
-    cdef Py_ssize_t natt = <Py_ssize_t>nb * H * T * T
+    # attention probabilities of one layer: (nb, H, T, T), or (nb, H, allowed pairs) for Ulam
+    cdef Py_ssize_t natt = <Py_ssize_t>nb * H * (d.ulam_start[T] if d.ulam else T * T)
     cdef int l
     cdef const Py_ssize_t *o
     cdef const float *res_in
     cdef float *logits
     cdef double loss = 0.0
 
-    encoder_forward(a.x0, idx, params + d.wte, params + d.wpe, nb, T, C)
+    encoder_forward(a.x0, idx, params + d.wte,
+                    <const float *>NULL if d.angular else params + d.wpe, nb, T, C)
     res_in = a.x0
     for l in range(L):
         o = d.layer + l * N_LAYER_TENSORS
@@ -338,7 +591,13 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
                           params + o[LN1_W], params + o[LN1_B], N, C)
         linear_forward(a.qkv + 3 * l * NC, a.ln1 + l * NC, params + o[QKV_W], params + o[QKV_B],
                        N, C, 3 * C)
-        attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC, nb, T, C, H)
+        if d.angular:
+            angular_forward(a.qkv + 3 * l * NC, d.rot_cos, d.rot_sin, nb, T, C)
+        if d.ulam:
+            ulam_attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC,
+                                   d.ulam_start, d.ulam_keys, nb, T, C, H)
+        else:
+            attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC, nb, T, C, H)
         linear_forward(a.res2 + l * NC, a.atty + l * NC, params + o[PROJ_W], params + o[PROJ_B],
                        N, C, C)
         cllm_row_add(a.res2 + l * NC, res_in, NC)
@@ -358,7 +617,12 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     matmul(False, True, N, V, C, 1.0, a.lnf, C, params + d.head, C, 0.0, logits, V)
     if mode == MODE_LOGITS:
         return 0.0
-    loss = crossentropy_forward_backward(logits, targets, N, V, dscale, mode == MODE_GRADS)
+    if d.crystalline:
+        loss = crystalline_forward_backward(logits, ce, targets, N, V, d.q_rows, d.q_row_of,
+                                            d.alpha, dscale, mode == MODE_GRADS)
+    else:
+        loss = crossentropy_forward_backward(logits, targets, N, V, dscale, mode == MODE_GRADS)
+        ce[0] = loss
     if mode == MODE_LOSS:
         return loss
 
@@ -388,15 +652,22 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
         # attention: res2 = res_prev + attn(ln1 @ Wqkv + bqkv) @ Wproj + bproj
         linear_backward(a.datty, grads + o[PROJ_W], grads + o[PROJ_B], dres, a.atty + l * NC,
                         params + o[PROJ_W], N, C, C)
-        attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt, a.qkv + 3 * l * NC,
-                           nb, T, C, H)
+        if d.ulam:
+            ulam_attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt,
+                                    a.qkv + 3 * l * NC, d.ulam_start, d.ulam_keys, nb, T, C, H)
+        else:
+            attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt, a.qkv + 3 * l * NC,
+                               nb, T, C, H)
+        if d.angular:
+            angular_backward(a.dqkv, d.rot_cos, d.rot_sin, nb, T, C)
         linear_backward(a.dln, grads + o[QKV_W], grads + o[QKV_B], a.dqkv, a.ln1 + l * NC,
                         params + o[QKV_W], N, C, 3 * C)
         layernorm_backward(dres, grads + o[LN1_W], grads + o[LN1_B], a.dln, res_prev,
                            params + o[LN1_W], a.ln1_mean + l * N, a.ln1_rstd + l * N,
                            a.datty, N, C)
-    memset(grads + d.wpe, 0, <Py_ssize_t>d.n_ctx * C * sizeof(float))
-    encoder_backward(grads + d.wte, grads + d.wpe, dres, idx, nb, T, C)
+    if not d.angular:
+        memset(grads + d.wpe, 0, <Py_ssize_t>d.n_ctx * C * sizeof(float))
+    encoder_backward(grads + d.wte, NULL if d.angular else grads + d.wpe, dres, idx, nb, T, C)
     return loss
 
 
@@ -417,12 +688,18 @@ cdef class Workspace:
         cdef float *p0
         cdef Acts *a = &self.acts
         self.nb, self.T, self.backward = nb, T, backward
+        # attention probabilities per (sequence, head) and the backward scratch of their
+        # gradient: all (T, T) pairs, or for Ulam the allowed pairs and those of one query
+        pairs, pair_scratch = T * T, T * T
+        if dims["ulam"]:
+            start = np.asarray(dims["ulam_start"][:T + 1], dtype=np.int64)
+            pairs, pair_scratch = int(start[T]), int(np.diff(start).max())
         sizes = dict(x0=N * C, ln1=L * N * C, ln1_mean=L * N, ln1_rstd=L * N,
-                     qkv=L * N * 3 * C, att=L * nb * H * T * T, atty=L * N * C,
+                     qkv=L * N * 3 * C, att=L * nb * H * pairs, atty=L * N * C,
                      res2=L * N * C, ln2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N,
                      fch=L * N * F, fch_gelu=L * N * F, res3=L * N * C, lnf=N * C,
                      lnf_mean=N, lnf_rstd=N, logits=N * V, dres=N * C, dln=N * C,
-                     datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=T * T)
+                     datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
         if not backward:
             sizes = {name: 0 if name.startswith("d") else n for name, n in sizes.items()}
         # every buffer starts on a 64-byte boundary (16 floats)
@@ -468,21 +745,24 @@ cdef class Workspace:
 # ----------------------------------------------------------------------------------------------
 # the sphere step
 
-def run_spheres(dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
+def run_spheres(dict dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
                 float[:, ::1] sphere_grads, list workspaces, const int64_t[:, ::1] idx,
                 const int64_t[:, ::1] targets, float[:, :, ::1] logits_out, int spheres,
                 int threads, int mode, long n_targets):
-    """Run every sphere of a batch; return the loss sum of each sphere (float64, (S,)).
+    """Run every sphere of a batch; return per sphere the sum of the training loss and the sum
+    of the plain cross-entropy (float64, (S, 2)); the two agree unless loss="crystalline".
 
     Sequence b belongs to sphere b % S. MODE_GRADS leaves the reduced gradient in
     sphere_grads[0] (see reduce_spheres) and needs one row of sphere_grads per active sphere.
     The caller limits BLAS to one thread for the duration of this call."""
     cdef Dims d
-    d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
-    d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
-    d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
-    d.head = dims["head"]
-    d.layer = &layer_offsets[0, 0]
+    dims_from_dict(&d, dims, layer_offsets)
+    cdef const float[:, ::1] q_rows
+    cdef const int32_t[::1] q_row_of
+    if d.crystalline and mode != MODE_LOGITS:
+        q_rows, q_row_of = crystalline_targets(targets, dims, threads)
+        d.q_rows = &q_rows[0, 0]
+        d.q_row_of = &q_row_of[0]
     cdef int B = idx.shape[0], T = idx.shape[1]
     cdef int active = min(spheres, B)
     cdef int nbmax = (B + spheres - 1) // spheres
@@ -496,7 +776,7 @@ def run_spheres(dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] p
         if ws.nb < nbmax or ws.T != T or (mode == MODE_GRADS and not ws.backward):
             raise ValueError("workspace does not fit the batch")
         acts_of_thread[j] = &ws.acts
-    cdef double[::1] losses = np.zeros(spheres, dtype=np.float64)
+    cdef double[:, ::1] losses = np.zeros((spheres, 2), dtype=np.float64)
     # a sphere's sequences are gathered contiguously: (S, nbmax, T) blocks
     cdef int64_t[:, ::1] sphere_idx = np.empty((spheres, nbmax * T), dtype=np.int64)
     cdef int64_t[:, ::1] sphere_tgt = np.empty((spheres, nbmax * T), dtype=np.int64)
@@ -519,11 +799,11 @@ def run_spheres(dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] p
     cdef const float *p = &params[0]
     for s in prange(active, nogil=True, num_threads=threads, schedule="dynamic", chunksize=1):
         tid = threadid()
-        losses[s] = sphere_step(
+        losses[s, 0] = sphere_step(
             &d, p, &sphere_grads[s, 0] if mode == MODE_GRADS else NULL,
             acts_of_thread[tid], &sphere_idx[s, 0], &sphere_tgt[s, 0],
             &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
-            sphere_nb[s], T, mode, dscale)
+            sphere_nb[s], T, mode, dscale, &losses[s, 1])
     if mode == MODE_LOGITS:
         for b in range(B):
             s = b % spheres
@@ -669,6 +949,62 @@ def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, f
     return loss, np.asarray(work)
 
 
+def layer_angular(const float[:, :, ::1] qkv, const float[:, ::1] cos, const float[:, ::1] sin):
+    """qkv (nb, T, 3C) -> a copy with q and k rotated; cos, sin (n_ctx, C/2)"""
+    cdef float[:, :, ::1] out = np.array(qkv, np.float32)
+    angular_forward(&out[0, 0, 0], &cos[0, 0], &sin[0, 0], out.shape[0], out.shape[1],
+                    out.shape[2] // 3)
+    return np.asarray(out)
+
+
+def layer_angular_backward(const float[:, :, ::1] dqkv, const float[:, ::1] cos,
+                           const float[:, ::1] sin):
+    """dqkv (nb, T, 3C) of the rotated q, k -> that of q, k"""
+    cdef float[:, :, ::1] out = np.array(dqkv, np.float32)
+    angular_backward(&out[0, 0, 0], &cos[0, 0], &sin[0, 0], out.shape[0], out.shape[1],
+                     out.shape[2] // 3)
+    return np.asarray(out)
+
+
+def layer_ulam_attention(const float[:, :, ::1] qkv, int n_head, const int32_t[::1] start,
+                         const int32_t[::1] keys):
+    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, start[T])"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
+    cdef float[:, :, ::1] out = np.empty((nb, T, C), np.float32)
+    cdef float[:, :, ::1] att = np.empty((nb, n_head, start[T]), np.float32)
+    ulam_attention_forward(&out[0, 0, 0], &att[0, 0, 0], &qkv[0, 0, 0], &start[0], &keys[0],
+                           nb, T, C, n_head)
+    return np.asarray(out), np.asarray(att)
+
+
+def layer_ulam_attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] att,
+                                  const float[:, :, ::1] qkv, const int32_t[::1] start,
+                                  const int32_t[::1] keys):
+    """-> dqkv (nb, T, 3C)"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, H = att.shape[1]
+    cdef float[:, :, ::1] dqkv = np.empty((nb, T, 3 * C), np.float32)
+    cdef float[::1] datt = np.empty(T, np.float32)
+    ulam_attention_backward(&dqkv[0, 0, 0], &datt[0], &dout[0, 0, 0], &att[0, 0, 0],
+                            &qkv[0, 0, 0], &start[0], &keys[0], nb, T, C, H)
+    return np.asarray(dqkv)
+
+
+def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
+                      const int32_t[:, ::1] ulam_xy, float alpha, float dscale):
+    """-> (summed crystalline loss, summed plain cross-entropy, its dlogits times dscale) over
+    the targets != -1; ulam_xy (V, 2) the points u(1) .. u(V)"""
+    cdef float[:, ::1] work = np.array(logits, np.float32)
+    cdef const float[:, ::1] q_rows
+    cdef const int32_t[::1] q_row_of
+    cdef double ce = 0.0
+    q_rows, q_row_of = crystalline_targets(np.asarray(targets)[None, :],
+                                           dict(V=work.shape[1], ulam_xy=ulam_xy), 1)
+    cdef double loss = crystalline_forward_backward(
+        &work[0, 0], &ce, &targets[0], work.shape[0], work.shape[1], &q_rows[0, 0],
+        &q_row_of[0], alpha, dscale, True)
+    return loss, ce, np.asarray(work)
+
+
 # ----------------------------------------------------------------------------------------------
 # incremental generation: one token at a time through every layer, with a key/value cache
 
@@ -680,7 +1016,7 @@ cdef class Decoder:
     The head is kept transposed, (C, V), so that its product streams whole rows like every
     other layer's (see cllm_matvec_accumulate)."""
     cdef Dims d
-    cdef object layer_offsets_ref
+    cdef object layer_offsets_ref, dims_ref
     cdef const float[::1] params
     cdef float[:, ::1] head_t                 # (C, V)
     cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
@@ -689,15 +1025,12 @@ cdef class Decoder:
     cdef float[:, ::1] scores                 # (H, n_ctx)
     cdef int threads
 
-    def __init__(self, dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
-                 int threads):
+    def __init__(self, dict dims, const Py_ssize_t[:, ::1] layer_offsets,
+                 const float[::1] params, int threads):
         cdef Dims *d = &self.d
-        d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
-        d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
-        d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
-        d.head = dims["head"]
-        d.layer = &layer_offsets[0, 0]
-        self.layer_offsets_ref = layer_offsets   # keeps d.layer alive
+        dims_from_dict(d, dims, layer_offsets)
+        self.layer_offsets_ref = layer_offsets   # keep d's arrays alive
+        self.dims_ref = dims
         self.params = params
         self.threads = threads
         head = np.asarray(params)[d.head:d.head + d.V * d.C].reshape(d.V, d.C)
@@ -735,24 +1068,29 @@ cdef class Decoder:
             cllm_row_add(out, &self.partial[t, 0], OC)
 
     cdef void attend_one(self, int l, int pos) noexcept nogil:
-        """atty = softmax(q k^T / sqrt(hd)) v over cached positions 0..pos, heads in parallel."""
+        """atty = softmax(q k^T / sqrt(hd)) v over the cached positions that pos attends to
+        (0..pos, or its Ulam neighbours), heads in parallel."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H
-        cdef int h, j
+        cdef int h, j, n = pos + 1
         cdef float scale = 1.0 / sqrtf(hd), mx, inv
         cdef float *s
         cdef float *y
         cdef const float *q
+        cdef const int32_t *key = NULL
+        if self.d.ulam:
+            key = self.d.ulam_keys + self.d.ulam_start[pos]
+            n = self.d.ulam_start[pos + 1] - self.d.ulam_start[pos]
         for h in prange(H, num_threads=self.threads, schedule="static"):
             q = &self.qkv[h * hd]
             s = &self.scores[h, 0]
             y = &self.atty[h * hd]
-            for j in range(pos + 1):
-                s[j] = scale * cllm_row_dot(q, &self.k_cache[l, j, h * hd], hd)
-            mx = cllm_row_max(s, pos + 1)
-            inv = <float>(1.0 / cllm_row_exp_sum(s, pos + 1, mx))
+            for j in range(n):
+                s[j] = scale * cllm_row_dot(q, &self.k_cache[l, key[j] if key else j, h * hd], hd)
+            mx = cllm_row_max(s, n)
+            inv = <float>(1.0 / cllm_row_exp_sum(s, n, mx))
             memset(y, 0, hd * sizeof(float))
-            for j in range(pos + 1):
-                cllm_row_axpy(y, &self.v_cache[l, j, h * hd], hd, s[j] * inv)
+            for j in range(n):
+                cllm_row_axpy(y, &self.v_cache[l, key[j] if key else j, h * hd], hd, s[j] * inv)
 
     def step(self, int token, int pos):
         """Logits (V) of the next token after `token` at position `pos`, the cache holding
@@ -764,16 +1102,20 @@ cdef class Decoder:
         cdef float *x = &self.x[0]
         cdef float *ln = &self.ln[0]
         cdef float *qkv = &self.qkv[0]
+        cdef int64_t token64 = token
         if not (0 <= token < V) or not (0 <= pos < d.n_ctx):
             raise ValueError(f"token {token} or position {pos} out of range")
         with nogil:
-            for t in range(C):
-                x[t] = p[d.wte + <Py_ssize_t>token * C + t] + p[d.wpe + <Py_ssize_t>pos * C + t]
+            encoder_forward(x, &token64, p + d.wte,
+                            <const float *>NULL if d.angular else p + d.wpe + <Py_ssize_t>pos * C,
+                            1, 1, C)
             for l in range(d.L):
                 o = d.layer + l * N_LAYER_TENSORS
                 layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN1_W],
                                   p + o[LN1_B], 1, C)
                 self.matvec(qkv, ln, p + o[QKV_W], p + o[QKV_B], C, 3 * C)
+                if d.angular:
+                    rotate_qk(qkv, d.rot_cos + pos * (C // 2), d.rot_sin + pos * (C // 2), C, 1.0)
                 memcpy(&self.k_cache[l, pos, 0], qkv + C, C * sizeof(float))
                 memcpy(&self.v_cache[l, pos, 0], qkv + 2 * C, C * sizeof(float))
                 self.attend_one(l, pos)

@@ -17,9 +17,31 @@ LAYER_TENSORS = (
 )
 
 
+# The crystalline switches (CRYSTALLINE.md sections 2 to 5): field -> allowed values.
+SWITCHES = {
+    "init": ("normal", "lattice"),
+    "position": ("learned", "angular"),
+    "attention": ("dense", "ulam"),
+    "loss": ("ce", "crystalline"),
+}
+# Every switch off: GPT-2 itself, and what a configuration saved before the switches existed
+# means.
+GPT2_SWITCHES = dict(init="normal", position="learned", attention="dense", loss="ce")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A GPT-2 architecture. n_inner defaults to 4 * n_embd."""
+    """A GPT-2 architecture with the crystalline switches. n_inner defaults to 4 * n_embd.
+
+    init        "normal" (GPT-2's N(0, 0.02)) or "lattice" (wte from the Kronecker lattice)
+    position    "learned" (the wpe table) or "angular" (q and k rotated; no wpe parameter)
+    attention   "dense" (causal) or "ulam" (keys within Chebyshev distance ulam_radius on the
+                Ulam spiral)
+    loss        "ce" or "crystalline" (cross-entropy mixed with the GCD/Ulam similarity target,
+                weight crystalline_alpha)
+    A switch is on by default where the ablation (bench/ablation.py) showed that it does not
+    lose: angular positions and Ulam attention. A saved configuration without the switch
+    fields predates them and is GPT-2 (GPT2_SWITCHES)."""
     vocab_size: int
     n_ctx: int
     n_embd: int
@@ -27,6 +49,12 @@ class ModelConfig:
     n_head: int
     n_inner: int | None = None
     tie_embeddings: bool = True
+    init: str = "normal"
+    position: str = "angular"
+    attention: str = "ulam"
+    ulam_radius: int = 2
+    loss: str = "ce"
+    crystalline_alpha: float = 0.1
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
@@ -38,6 +66,19 @@ class ModelConfig:
             raise ValueError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        for name, allowed in SWITCHES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.position == "angular" and self.head_dim % 2:
+            raise ValueError(f"angular positions rotate pairs of features: the head dimension "
+                             f"n_embd / n_head ({self.head_dim}) must be even")
+        # radius 0 would leave each position attending to itself alone
+        _check_positive_int("ulam_radius", self.ulam_radius)
+        alpha = self.crystalline_alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"crystalline_alpha must be a number in [0, 1], got {alpha!r}")
+        object.__setattr__(self, "crystalline_alpha", float(alpha))
 
     @property
     def head_dim(self) -> int:
@@ -55,7 +96,7 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{**GPT2_SWITCHES, **d})
 
     def tensor_shapes(self) -> list[tuple[str, tuple[int, ...]]]:
         """Every parameter tensor, in the order of the flat buffer, with its shape."""
@@ -68,7 +109,9 @@ class ModelConfig:
             "mlp.c_fc.weight": (C, F), "mlp.c_fc.bias": (F,),
             "mlp.c_proj.weight": (F, C), "mlp.c_proj.bias": (C,),
         }
-        shapes = [("wte", (V, C)), ("wpe", (self.n_ctx, C))]
+        shapes = [("wte", (V, C))]
+        if self.position == "learned":
+            shapes.append(("wpe", (self.n_ctx, C)))
         for i in range(self.n_layer):
             shapes += [(f"h.{i}.{s}", layer_shapes[s]) for s in LAYER_TENSORS]
         shapes += [("ln_f.weight", (C,)), ("ln_f.bias", (C,))]

@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from . import _core
+from . import _core, crystal
 from .checkpoint import load_cllm, save_cllm
 from .config import LAYER_TENSORS, ModelConfig
 from .generate import iter_ids, iter_text
@@ -46,13 +46,28 @@ class Model:
         self.params = self._views(flat)
         self._sphere_grads = np.zeros((0, size), dtype=np.float32)
         self._workspaces: dict[tuple, list] = {}
+        # plain cross-entropy of the last loss / loss_and_grads call: with loss="crystalline"
+        # the training loss differs from it, and this is the number that compares across settings
+        self.last_ce: float | None = None
         offsets = {name: off for name, (off, _) in self._layout.items()}
         self._dims = dict(
             V=config.vocab_size, C=config.n_embd, F=config.n_inner, L=config.n_layer,
             H=config.n_head, n_ctx=config.n_ctx, tied=int(config.tie_embeddings),
-            wte=offsets["wte"], wpe=offsets["wpe"], lnf_w=offsets["ln_f.weight"],
+            wte=offsets["wte"], wpe=offsets.get("wpe", -1), lnf_w=offsets["ln_f.weight"],
             lnf_b=offsets["ln_f.bias"],
-            head=offsets["wte" if config.tie_embeddings else "lm_head.weight"])
+            head=offsets["wte" if config.tie_embeddings else "lm_head.weight"],
+            angular=int(config.position == "angular"), ulam=int(config.attention == "ulam"),
+            crystalline=int(config.loss == "crystalline"), alpha=config.crystalline_alpha)
+        if self._dims["angular"]:
+            cos, sin = crystal.angular_tables(config.n_ctx, config.n_head, config.head_dim)
+            half = config.n_embd // 2
+            self._dims["rot_cos"] = cos.reshape(config.n_ctx, half).astype(np.float32)
+            self._dims["rot_sin"] = sin.reshape(config.n_ctx, half).astype(np.float32)
+        if self._dims["ulam"]:
+            self._dims["ulam_start"], self._dims["ulam_keys"] = crystal.ulam_neighbours(
+                config.n_ctx, config.ulam_radius)
+        if self._dims["crystalline"]:
+            self._dims["ulam_xy"] = crystal.ulam_points(config.vocab_size)
         self._layer_offsets = np.array(
             [[offsets[f"h.{i}.{t}"] for t in LAYER_TENSORS] for i in range(config.n_layer)],
             dtype=np.intp).reshape(config.n_layer, len(LAYER_TENSORS))
@@ -64,7 +79,9 @@ class Model:
     @classmethod
     def create(cls, config: ModelConfig, seed: int = 0, tokenizer=None) -> "Model":
         """GPT-2 initialisation: weights N(0, 0.02), the two residual projections
-        N(0, 0.02/sqrt(2 n_layer)), biases zero, LayerNorm weights one."""
+        N(0, 0.02/sqrt(2 n_layer)), biases zero, LayerNorm weights one. With init="lattice",
+        wte is the lattice table at scale 0.02 instead (the other weights are the same draws
+        as with "normal")."""
         model = cls(config, tokenizer=tokenizer)
         rng = np.random.default_rng(seed)
         residual_std = 0.02 / math.sqrt(2 * config.n_layer)
@@ -76,6 +93,9 @@ class Model:
             else:
                 std = residual_std if name.endswith("c_proj.weight") else 0.02
                 view[...] = rng.standard_normal(view.shape) * std
+        if config.init == "lattice":
+            model.params["wte"][...] = crystal.lattice_embeddings(config.vocab_size,
+                                                                  config.n_embd, 0.02)
         return model
 
     def save(self, path) -> None:
@@ -169,10 +189,13 @@ class Model:
                 dummy3 if logits is None else logits, spheres, threads, mode, n_targets)
         if backward:
             _core.reduce_spheres(self._sphere_grads, active, threads)
-        # the loss: sphere sums added in sphere order, over the number of target tokens
-        total = 0.0
+        # the losses: sphere sums added in sphere order, over the number of target tokens
+        total = ce = 0.0
         for s in range(active):
-            total += float(losses[s])
+            total += float(losses[s, 0])
+            ce += float(losses[s, 1])
+        if mode != _core.Mode.MODE_LOGITS:
+            self.last_ce = ce / n_targets
         return total / n_targets if n_targets else 0.0
 
     def forward(self, idx, spheres: int = 12, threads: int | None = None) -> np.ndarray:
@@ -183,14 +206,22 @@ class Model:
         return logits
 
     def loss(self, idx, targets, spheres: int = 12, threads: int | None = None) -> float:
-        """Mean cross-entropy over the targets that are not -1, without gradients."""
+        """Mean training loss (config.loss) over the targets that are not -1, without
+        gradients; the plain cross-entropy is left in `last_ce`."""
         idx, targets, spheres, threads = self._prepare(idx, targets, spheres, threads)
         return self._run(idx, targets, spheres, threads, _core.Mode.MODE_LOSS)
 
+    def cross_entropy(self, idx, targets, spheres: int = 12, threads: int | None = None) -> float:
+        """Mean plain cross-entropy over the targets that are not -1, whatever config.loss:
+        the evaluation number that compares across settings."""
+        self.loss(idx, targets, spheres, threads)
+        return self.last_ce
+
     def loss_and_grads(self, idx, targets, spheres: int = 12, threads: int | None = None):
-        """(loss, grads): the mean cross-entropy over the targets that are not -1 and its
-        gradient, a dict of views into one flat buffer (`grad_flat`), overwritten by the next
-        call. Bitwise identical for every thread count at a fixed sphere count."""
+        """(loss, grads): the mean training loss (config.loss) over the targets that are not -1
+        and its gradient, a dict of views into one flat buffer (`grad_flat`), overwritten by
+        the next call; the plain cross-entropy is left in `last_ce`. Bitwise identical for
+        every thread count at a fixed sphere count."""
         idx, targets, spheres, threads = self._prepare(idx, targets, spheres, threads)
         loss = self._run(idx, targets, spheres, threads, _core.Mode.MODE_GRADS)
         return loss, self._views(self.grad_flat)
