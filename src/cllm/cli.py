@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .architecture import add_architecture_arguments, check_agrees, describe, model_config
+from .architecture import (add_architecture_arguments, check_agrees, check_architecture,
+                           describe, model_config)
 from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,
                        positive_int, probability, text)
 from .errors import CllmError
@@ -161,6 +162,7 @@ def _create(args: argparse.Namespace, explicit: set[str]) -> None:
     from .model import Model
     from .tokenizer import tokenizer_from_json
 
+    check_architecture(args)
     tokenizer = None
     if args.tokenizer is not None:
         tokenizer = tokenizer_from_json(Path(args.tokenizer).read_text(encoding="utf-8"))
