@@ -6,6 +6,7 @@ values) print `error: <message>` and exit with 1; Ctrl-C exits with 130. None sh
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # whatever read the output stopped (`cllm infer ... | head -1`): end quietly, and keep
+        # Python from failing again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (CllmError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
