@@ -169,9 +169,11 @@ def test_kill_9_leaves_only_loadable_files(corpus, tmp_path):
     for name in ("tokenizer.json", "dataset.bin"):
         assert (tmp_path / name).stat().st_size > 0
     newest = max(load_cllm(p).training["step"] for p in models)
+    (tmp_path / ".checkpoint_step_9.cllm.0123456789ab.tmp").write_bytes(b"partial")
     result = run_door("module", "train", "-d", corpus, "-c", tmp_path, "--resume",
                       "--max-steps", newest + 2)
     assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob(".*.tmp"))  # what killed writers left is cleared away
     steps = [r["step"] for r in metric_lines(tmp_path / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, newest + 3))
 

@@ -24,6 +24,7 @@ from .checkpoint import list_checkpoints
 from .data import (build_dataset, find_text_files, iter_texts, iter_windows_sequential,
                    open_dataset, sample_windows, split_train_val)
 from .errors import CllmError, DataError
+from .fileio import remove_stale_temporaries
 from .metrics import MetricsLog, read_metrics, truncate_metrics
 from .model import Model, usable_cores
 from .optim import AdamW, clip_scale, grad_norm, scheduled_lr
@@ -117,6 +118,8 @@ def _output_folder(folder: Path) -> Path:
         raise CllmError(f"{folder}: cannot create the checkpoint folder: {e.strerror}") from e
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CllmError(f"{folder}: the checkpoint folder is not writable")
+    # a killed run's partial files: a checkpoint's can be as large as the model three times
+    remove_stale_temporaries(folder)
     return folder
 
 
