@@ -19,8 +19,18 @@ $(STAMP): pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h
 test: install
 	$(PY) -m pytest -q
 
+# The demo trains on the source of the installed standard library (every machine with Python
+# has it): its modules only, copied to demo_out/stdlib without site-packages, the test suite
+# and compiled files. A small character-level model; the run ends with samples of the code.
 demo: install
-	$(PY) -m cllm demo
+	rm -rf demo_out && mkdir -p demo_out/stdlib
+	cd "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" && \
+	find . \( -name site-packages -o -name dist-packages -o -name test -o -name tests \
+		-o -name idle_test -o -name __pycache__ \) -prune -o -name '*.py' -print0 | \
+	tar --null -cf - -T - | tar -xf - -C "$(CURDIR)/demo_out/stdlib"
+	$(PY) -m cllm train -d demo_out/stdlib -c demo_out/run --tokenizer char -e 128 -l 4 -H 4 \
+		-s 128 -b 16 --max-steps 600 -r 2e-3 --warmup 50 --min-lr 2e-4 --val-fraction 0.01 \
+		--eval-every 100 --eval-batches 5 --checkpoint-every 200
 
 bench: install
 	$(PY) bench/train_step.py

@@ -3,7 +3,8 @@ import os
 import pytest
 
 from cllm import fileio
-from cllm.fileio import atomic_write_bytes, atomic_write_text, atomic_writer
+from cllm.fileio import (atomic_write_bytes, atomic_write_text, atomic_writer,
+                         remove_stale_temporaries)
 
 
 def test_writes_and_replaces(tmp_path):
@@ -44,3 +45,11 @@ def test_new_file_gets_ordinary_permissions(tmp_path):
     os.umask(umask)
     atomic_write_bytes(tmp_path / "f", b"x")
     assert (tmp_path / "f").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_remove_stale_temporaries(tmp_path):
+    (tmp_path / ".model.cllm.0123456789ab.tmp").write_bytes(b"partial")
+    for keep in ("model.cllm", ".hidden", ".x.0123.tmp", "notes.tmp"):
+        (tmp_path / keep).write_bytes(b"")
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [".model.cllm.0123456789ab.tmp"]
+    assert sorted(os.listdir(tmp_path)) == [".hidden", ".x.0123.tmp", "model.cllm", "notes.tmp"]

@@ -3,9 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+
+_TEMP_HEX_DIGITS = 12
+_TEMPORARY_NAME = re.compile(rf"\..+\.[0-9a-f]{{{_TEMP_HEX_DIGITS}}}\.tmp")
 
 
 @contextlib.contextmanager
@@ -19,7 +24,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     folder = path.parent
-    temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    temp = folder / f".{path.name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp"
     # O_EXCL: never clobber a file of the same name; 0o666 lets the umask decide permissions,
     # as for any ordinarily created file (tempfile.mkstemp would force 0o600).
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -54,3 +59,13 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that writers killed mid-write (kill -9, power cut) left in
+    `folder`; return their paths. Only for a folder no other process is writing to."""
+    stale = [entry for entry in Path(folder).iterdir()
+             if _TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -49,3 +49,12 @@ def clip_scale(grad_norm: float, max_norm: float) -> float:
 def grad_norm(grad_flat: np.ndarray, threads: int = 1) -> float:
     """Global L2 norm of the gradient, the same for every thread count."""
     return _core.grad_norm(grad_flat, threads)
+
+
+def scheduled_lr(step: int, total_steps: int, lr: float, min_lr: float, warmup: int) -> float:
+    """Learning rate of step `step` (1-based): linear warmup to `lr` over the first `warmup`
+    steps, then cosine decay from `lr` to `min_lr`, reached at step `total_steps`."""
+    if step <= warmup:
+        return lr * step / warmup
+    progress = (step - warmup) / (total_steps - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (lr - min_lr)

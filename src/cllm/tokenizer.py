@@ -85,6 +85,17 @@ def train_char(texts: Iterable[str]) -> Tokenizer:
     return tokenizer
 
 
+def tokenizer_kind(tokenizer: Tokenizer) -> str | None:
+    """"bpe" or "char" for the tokenizers these functions train (the values of `cllm train
+    --tokenizer`); None for any other kind."""
+    if isinstance(tokenizer.model, models.BPE):
+        return "bpe"
+    if isinstance(tokenizer.model, models.WordLevel) and all(
+            len(token) == 1 for token in tokenizer.get_vocab()):
+        return "char"
+    return None
+
+
 def encode_batch(tokenizer: Tokenizer, texts: list[str], what: str) -> list[np.ndarray]:
     """The ids of each text as a uint32 array. `what` names the texts' source in the error
     raised when a character tokenizer meets a character it lacks."""

@@ -1,0 +1,62 @@
+"""The model architecture as the command line sees it: the flags `train` and `create` share,
+the one function that turns them into a ModelConfig, and its inverse for checking flags given
+beside an existing model. A new architecture flag is added here, in all three places."""
+from __future__ import annotations
+
+import argparse
+
+from .argtypes import positive_int
+from .config import ModelConfig
+from .errors import CllmError
+
+# Destinations of the flags add_architecture_arguments defines.
+ARCHITECTURE_FLAGS = ("vocab", "embed", "layers", "heads")
+
+
+def add_architecture_arguments(parser: argparse.ArgumentParser, vocab_help: str) -> None:
+    group = parser.add_argument_group("model architecture")
+    group.add_argument("-v", "--vocab", type=positive_int, default=10000, metavar="N",
+                       help=f"{vocab_help} (default: %(default)s)")
+    group.add_argument("-e", "--embed", type=positive_int, default=256, metavar="N",
+                       help="embedding width; the feed-forward width is 4 x this "
+                            "(default: %(default)s)")
+    group.add_argument("-l", "--layers", type=positive_int, default=6, metavar="N",
+                       help="transformer layers (default: %(default)s)")
+    group.add_argument("-H", "--heads", type=positive_int, default=8, metavar="N",
+                       help="attention heads; must divide --embed (default: %(default)s)")
+
+
+def check_architecture(args: argparse.Namespace) -> None:
+    """Refuse flags no model can have, before any work is done."""
+    if args.embed % args.heads:
+        raise CllmError(f"-e/--embed ({args.embed}) must be divisible by -H/--heads "
+                        f"({args.heads})")
+
+
+def model_config(args: argparse.Namespace, vocab_size: int, n_ctx: int) -> ModelConfig:
+    """The configuration the architecture flags describe, for a vocabulary and context."""
+    return ModelConfig(vocab_size=vocab_size, n_ctx=n_ctx, n_embd=args.embed,
+                       n_layer=args.layers, n_head=args.heads, n_inner=4 * args.embed)
+
+
+def architecture_args(config: ModelConfig) -> dict:
+    """The architecture flags that describe `config`: the inverse of model_config."""
+    return {"vocab": config.vocab_size, "embed": config.n_embd, "layers": config.n_layer,
+            "heads": config.n_head}
+
+
+def check_agrees(args: argparse.Namespace, explicit: set[str], given: dict, source: str) -> None:
+    """Flags the user typed must not contradict the values `given` by an existing model or
+    checkpoint (named by `source`): the run takes those, and silently ignoring a flag the
+    user typed would train something other than what was asked for."""
+    for name, value in given.items():
+        if name in explicit and getattr(args, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise CllmError(f"{flag} {getattr(args, name)} contradicts {source}, which has "
+                            f"{value}; leave {flag} out to use the model's")
+
+
+def describe(config: ModelConfig) -> str:
+    return (f"vocabulary {config.vocab_size}, context {config.n_ctx}, embedding "
+            f"{config.n_embd}, layers {config.n_layer}, heads {config.n_head}, "
+            f"feed-forward {config.n_inner}; {config.num_parameters():,} parameters")

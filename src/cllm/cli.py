@@ -1,0 +1,228 @@
+"""The `cllm` command: train, infer, create and help.
+
+Argument errors print one line and exit with 2. Errors in what the user gave (files, data,
+values) print `error: <message>` and exit with 1; Ctrl-C exits with 130. None shows a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .architecture import (add_architecture_arguments, check_agrees, check_architecture,
+                           describe, model_config)
+from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,
+                       positive_int, probability, text)
+from .errors import CllmError
+
+COMMANDS = ("train", "infer", "create", "help")
+DEFAULT_SEED = 1337
+INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cllm", description="Crystalline Lattice Language Model: train and "
+                     "run GPT-2 style language models on CPUs.")
+    parser.add_argument("--version", action="version", version=f"cllm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    _add_train(commands.add_parser("train", help="train a model on a folder of text",
+                                   description="Train a model on every text file under a "
+                                   "folder, in six phases, with checkpoints to resume from."))
+    _add_infer(commands.add_parser("infer", help="generate text with a model",
+                                   description="Generate text with a .cllm model, for one "
+                                   "prompt or interactively."))
+    _add_create(commands.add_parser("create", help="create an untrained model file",
+                                    description="Create a .cllm model with freshly "
+                                    "initialised weights, to train with cllm train --init-from."))
+    help_parser = commands.add_parser("help", help="show the help of cllm or of a command",
+                                      description="Show the help of cllm or of a command.")
+    help_parser.add_argument("topic", nargs="?", choices=COMMANDS[:-1],
+                             help="the command to explain")
+    return parser
+
+
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--data", required=True, metavar="DIR",
+                   help="folder of text files, read recursively")
+    p.add_argument("-c", "--checkpoint", default="./checkpoints", metavar="DIR",
+                   help="folder for checkpoints and every output (default: %(default)s)")
+    add_architecture_arguments(p, "largest vocabulary of the BPE tokenizer")
+    group = p.add_argument_group("training")
+    group.add_argument("-s", "--seq-len", type=positive_int, default=128, metavar="N",
+                       help="tokens per training sequence; the model's context is twice "
+                            "this (default: %(default)s)")
+    group.add_argument("--tokenizer", choices=("bpe", "char"), default="bpe",
+                       help="byte-level BPE trained on the corpus, or one token per "
+                            "character (default: %(default)s)")
+    group.add_argument("-E", "--epochs", type=positive_int, default=10, metavar="N",
+                       help="passes over the training split, in steps of -b x -s tokens "
+                            "(default: %(default)s)")
+    group.add_argument("--max-steps", type=positive_int, metavar="N",
+                       help="train this many steps, whatever --epochs says")
+    group.add_argument("-b", "--batch", type=positive_int, default=32, metavar="N",
+                       help="sequences per step (default: %(default)s)")
+    group.add_argument("-r", "--lr", type=positive_float, default=1e-4, metavar="RATE",
+                       help="peak learning rate (default: %(default)s)")
+    group.add_argument("--min-lr", type=non_negative_float, metavar="RATE",
+                       help="learning rate at the last step, reached by cosine decay "
+                            "(default: --lr / 10)")
+    group.add_argument("--warmup", type=non_negative_int, default=100, metavar="STEPS",
+                       help="steps of linear warmup to --lr (default: %(default)s)")
+    group.add_argument("--weight-decay", type=non_negative_float, default=0.1, metavar="W",
+                       help="AdamW weight decay, on 2-D weights only (default: %(default)s)")
+    group.add_argument("--beta1", type=fraction, default=0.9, metavar="B",
+                       help="AdamW beta1 (default: %(default)s)")
+    group.add_argument("--beta2", type=fraction, default=0.95, metavar="B",
+                       help="AdamW beta2 (default: %(default)s)")
+    group.add_argument("--grad-clip", type=non_negative_float, default=1.0, metavar="NORM",
+                       help="largest global gradient norm, 0 for none (default: %(default)s)")
+    group.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
+                       help="seed of the initial weights and of the data order "
+                            "(default: %(default)s)")
+    group.add_argument("-t", "--threads", type=non_negative_int, default=0, metavar="N",
+                       help="threads, 0 for every usable core (default: %(default)s)")
+    group.add_argument("--spheres", type=positive_int, default=12, metavar="N",
+                       help="parts each batch is split into; the result depends on it, not "
+                            "on --threads (default: %(default)s)")
+    group = p.add_argument_group("evaluation and checkpoints")
+    group.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
+                       help="share of the token stream, at its end, held out for validation "
+                            "(default: %(default)s)")
+    group.add_argument("--eval-every", type=non_negative_int, default=500, metavar="STEPS",
+                       help="steps between validation losses, 0 for none before the final "
+                            "one (default: %(default)s)")
+    group.add_argument("--eval-batches", type=positive_int, default=20, metavar="N",
+                       help="batches of random validation windows per evaluation "
+                            "(default: %(default)s)")
+    group.add_argument("--checkpoint-every", type=positive_int, default=1000, metavar="STEPS",
+                       help="steps between checkpoints (default: %(default)s)")
+    group.add_argument("--keep-checkpoints", type=positive_int, default=3, metavar="N",
+                       help="newest checkpoints kept, older ones deleted (default: %(default)s)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue from the newest valid checkpoint in --checkpoint")
+    group.add_argument("--init-from", metavar="FILE.cllm",
+                       help="start from this model's weights (and tokenizer, if it has one)")
+
+
+def _add_infer(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, metavar="FILE", help="the .cllm model")
+    p.add_argument("-p", "--prompt", type=text, help="text to continue")
+    p.add_argument("-n", "--tokens", type=non_negative_int, default=50, metavar="N",
+                   help="tokens to generate (default: %(default)s)")
+    p.add_argument("-t", "--temperature", type=non_negative_float, default=0.8, metavar="T",
+                   help="sampling temperature, 0 for the most likely token "
+                        "(default: %(default)s)")
+    p.add_argument("--top-k", type=positive_int, metavar="K",
+                   help="sample among the K most likely tokens only")
+    p.add_argument("--top-p", type=probability, metavar="P",
+                   help="sample among the most likely tokens that make up probability P")
+    p.add_argument("--seed", type=non_negative_int, help="seed: the same seed, the same text")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="threads (default: every usable core)")
+    p.add_argument("-o", "--output", metavar="FILE", help="also write the text to FILE")
+    p.add_argument("-i", "--interactive", action="store_true",
+                   help="read prompts line by line (after -p, if given) until 'quit' or the "
+                        "end of input")
+
+
+def _add_create(p: argparse.ArgumentParser) -> None:
+    add_architecture_arguments(p, "vocabulary size; taken from --tokenizer when given")
+    p.add_argument("-s", "--ctx", type=positive_int, default=256, metavar="N",
+                   help="context length in tokens (default: %(default)s)")
+    p.add_argument("--tokenizer", metavar="FILE", help="a tokenizer.json to put in the model")
+    p.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
+                   help="seed of the initial weights (default: %(default)s)")
+    p.add_argument("-o", "--output", default="model.cllm", metavar="FILE",
+                   help="the model file to write (default: %(default)s)")
+
+
+def explicit_flags(argv: list[str]) -> set[str]:
+    """The destinations of the flags given in argv, as opposed to left at their defaults."""
+    parser = build_parser()
+    for action in _all_actions(parser):
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def _all_actions(parser: argparse.ArgumentParser):
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_actions(sub)
+
+
+def _create(args: argparse.Namespace, explicit: set[str]) -> None:
+    from .model import Model
+    from .tokenizer import tokenizer_from_json
+
+    check_architecture(args)
+    tokenizer = None
+    if args.tokenizer is not None:
+        tokenizer = tokenizer_from_json(Path(args.tokenizer).read_text(encoding="utf-8"))
+        check_agrees(args, explicit, {"vocab": tokenizer.get_vocab_size()}, args.tokenizer)
+        args.vocab = tokenizer.get_vocab_size()
+    model = Model.create(model_config(args, args.vocab, args.ctx), seed=args.seed,
+                         tokenizer=tokenizer)
+    model.save(args.output)
+    print(f"{args.output}: {describe(model.config)}")
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
+    if args.command is None:
+        parser.error(f"give a command: one of {', '.join(COMMANDS)}")
+    if args.command == "help":
+        target = parser if args.topic is None else _subparser(parser, args.topic)
+        target.print_help()
+    elif args.command == "train":
+        from .train import train
+        train(args, explicit_flags(argv))
+    elif args.command == "infer":
+        if args.prompt is None and not args.interactive:
+            _subparser(parser, "infer").error("give a prompt with -p/--prompt, or -i for "
+                                              "interactive mode")
+        from .infer import infer
+        infer(args)
+    else:
+        _create(args, explicit_flags(argv))
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions
+                if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _run(parser, args, argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # whatever read the output stopped (`cllm infer ... | head -1`): end quietly, and keep
+        # Python from failing again when it flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (CllmError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _describe_os_error(e: OSError) -> str:
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)

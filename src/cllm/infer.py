@@ -1,0 +1,90 @@
+"""`cllm infer`: text from a .cllm model, for one prompt or as a conversation."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import CllmError
+from .fileio import atomic_write_text
+from .model import Model
+from .tokenizer import decode, encode
+
+QUIT = "quit"
+
+
+def infer(args: argparse.Namespace) -> None:
+    if args.output is not None:
+        check_writable(Path(args.output))
+    model = Model.load(args.model)
+    if model.tokenizer is None:
+        raise CllmError(f"{args.model} has no tokenizer, so it cannot read a text prompt "
+                        f"(create it with --tokenizer FILE, or train it with cllm train)")
+    sampling = dict(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, threads=args.threads)
+    transcript = ""
+    if args.prompt is not None:
+        print(args.prompt, end="", flush=True)
+        transcript = args.prompt + _print_stream(model.stream(args.prompt, seed=args.seed,
+                                                              **sampling))
+    if args.interactive:
+        transcript = converse(model, transcript, args.seed, sampling)
+    if args.output is not None:
+        atomic_write_text(args.output, transcript)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse an output file that cannot be written before spending time generating it."""
+    folder = path.parent
+    if path.is_dir():
+        raise CllmError(f"{path}: the output file is a folder")
+    if not folder.is_dir():
+        raise CllmError(f"{path}: cannot write the output file: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise CllmError(f"{path}: cannot write the output file: permission denied")
+
+
+def converse(model: Model, transcript: str, seed: int | None, sampling: dict) -> str:
+    """Answer prompts read line by line until `quit` or the end of input. Each answer
+    continues the conversation so far, cut from the front to leave room for the answer
+    within the model's context. Returns the transcript."""
+    terminal = sys.stdin.isatty()
+    if terminal:
+        import readline  # noqa: F401  (gives input() line editing and history)
+    budget = max(1, model.config.n_ctx - sampling["max_new_tokens"])
+    turn = 0
+    while True:
+        try:
+            line = input("> " if terminal else "")
+        except EOFError:
+            break
+        if line.strip() == QUIT:
+            break
+        if not line.strip():
+            continue
+        try:
+            context = _last_tokens(model, transcript + line, budget)
+            answer = _print_stream(model.stream(
+                context, seed=None if seed is None else seed + turn, **sampling))
+        except (CllmError, ValueError) as e:  # one bad prompt does not end the conversation
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        transcript += line + answer
+        turn += 1
+    return transcript
+
+
+def _last_tokens(model: Model, text: str, budget: int) -> str:
+    ids = encode(model.tokenizer, text)
+    return text if len(ids) <= budget else decode(model.tokenizer, ids[-budget:])
+
+
+def _print_stream(pieces) -> str:
+    """Print text pieces as they arrive, then a newline; return the text with it."""
+    text = ""
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        text += piece
+    print(flush=True)
+    return text + "\n"

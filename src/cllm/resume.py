@@ -1,0 +1,107 @@
+"""Training checkpoints: what one holds beyond the model, writing it, and finding the newest
+one a run can resume from.
+
+A checkpoint is a .cllm file with the AdamW moments and a `training` object:
+
+    step           steps done
+    rng            state of the generator that draws the training windows (PCG64, as JSON)
+    best_val_loss  lowest validation loss so far (null before the first evaluation)
+    elapsed        seconds of training so far, over every run that led here
+    args           the run's arguments, so that `--resume` continues the same run
+
+With these, a resumed run repeats exactly what the uninterrupted run would have done.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import checkpoint_path, list_checkpoints, load_cllm, prune_checkpoints, save_cllm
+from .config import ModelConfig
+from .errors import CheckpointError, CllmError
+from .model import Model
+from .optim import AdamW
+from .tokenizer import tokenizer_to_json
+
+
+@dataclass
+class TrainingState:
+    step: int
+    rng: np.random.Generator
+    best_val_loss: float | None
+    elapsed: float
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: Model
+    moments: dict[str, np.ndarray]  # "m" and "v" as flat buffers like model.flat
+    state: TrainingState
+    args: dict
+
+
+def save_checkpoint(folder: str | os.PathLike, model: Model, optimizer: AdamW,
+                    state: TrainingState, args: dict, keep: int) -> Path:
+    """Write checkpoint_step_<step>.cllm atomically, then delete all but the `keep` newest."""
+    path = checkpoint_path(folder, state.step)
+    training = dict(step=state.step, rng=state.rng.bit_generator.state,
+                    best_val_loss=state.best_val_loss, elapsed=state.elapsed, args=args)
+    moments = {"m": _named(model.config, optimizer.m), "v": _named(model.config, optimizer.v)}
+    save_cllm(path, model.params, model.config, tokenizer_to_json(model.tokenizer), moments,
+              training)
+    prune_checkpoints(folder, keep)
+    return path
+
+
+def _named(config: ModelConfig, flat: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+            for name, (offset, shape) in config.layout()[0].items()}
+
+
+def newest_checkpoint(folder: str | os.PathLike) -> Checkpoint:
+    """The newest checkpoint in `folder` that loads completely. Damaged ones newer than it are
+    skipped with a warning; if none loads, the error says why the newest does not."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise CheckpointError(f"{folder}: no checkpoint_step_N.cllm to resume from")
+    problems = []
+    for _, path in found:
+        try:
+            checkpoint = load_checkpoint(path)
+        except CllmError as e:  # CheckpointError, or DataError for a broken stored tokenizer
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            print(f"warning: skipping a damaged checkpoint: {problem}", file=sys.stderr)
+        return checkpoint
+    older = f" (and the {len(found) - 1} older ones cannot be used either)" if len(found) > 1 else ""
+    raise CheckpointError(f"cannot resume: {problems[0]}{older}")
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    f = load_cllm(path)
+    training = f.training
+    if f.optimizer is None or not isinstance(training, dict) or f.tokenizer_json is None:
+        raise CheckpointError(f"{path}: not a training checkpoint (a model file without the "
+                              f"optimizer state, training state or tokenizer a run needs)")
+    try:
+        step, args, best, elapsed = (training["step"], training["args"],
+                                     training["best_val_loss"], training["elapsed"])
+        rng = np.random.Generator(np.random.PCG64())
+        rng.bit_generator.state = training["rng"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})") from e
+    if not (isinstance(step, int) and step >= 0 and isinstance(args, dict)
+            and isinstance(elapsed, (int, float)) and isinstance(best, (int, float, type(None)))):
+        raise CheckpointError(f"{path}: damaged training state (step, args, elapsed or "
+                              f"best_val_loss has the wrong type)")
+    moments = {name: np.concatenate([tensors[t].reshape(-1) for t, _ in f.config.tensor_shapes()])
+               for name, tensors in f.optimizer.items()}
+    return Checkpoint(path, Model.load(path, writable=True), moments,
+                      TrainingState(step, rng, best, float(elapsed)), args)

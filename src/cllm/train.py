@@ -1,0 +1,362 @@
+"""`cllm train`: a folder of text to a trained model in six phases, every file it writes
+crash-safe, and exactly resumable from any checkpoint.
+
+Everything goes into the checkpoint folder (-c): tokenizer.json, vocab.txt, dataset.bin,
+metrics.jsonl, checkpoint_step_N.cllm, final_model.cllm, samples.txt, stats.json, loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .architecture import (ARCHITECTURE_FLAGS, architecture_args, check_agrees,
+                           check_architecture, describe, model_config)
+from .checkpoint import list_checkpoints
+from .data import (build_dataset, find_text_files, iter_texts, iter_windows_sequential,
+                   open_dataset, sample_windows, split_train_val)
+from .errors import CllmError, DataError
+from .fileio import remove_stale_temporaries
+from .metrics import MetricsLog, read_metrics, truncate_metrics
+from .model import Model, usable_cores
+from .optim import AdamW, clip_scale, grad_norm, scheduled_lr
+from .report import generate_samples, peak_memory_mb, plot_losses, write_samples, write_stats
+from .resume import Checkpoint, TrainingState, newest_checkpoint, save_checkpoint
+from .tokenizer import save_tokenizer, tokenizer_kind, train_bpe, train_char
+
+PHASES = ("Data loading", "Vocabulary building", "Dataset creation", "Model initialization",
+          "Training", "Final save")
+# Flags that fix what a run trains: taken from the checkpoint on --resume.
+TRAIN_ARCHITECTURE = ARCHITECTURE_FLAGS + ("seq_len", "tokenizer")
+# Streams of the run's seed, apart from the model's initialisation: the windows each step
+# trains on, and the fixed validation windows of the periodic evaluations.
+_TRAIN_WINDOWS, _EVAL_WINDOWS = 1, 2
+FINAL_MODEL = "final_model.cllm"
+
+
+def train(args: argparse.Namespace, explicit: set[str]) -> None:
+    """Run the six phases. `explicit` names the flags the user gave (argparse destinations):
+    only those may contradict a checkpoint or model file, and only to raise an error."""
+    started = time.perf_counter()
+    out = _output_folder(Path(args.checkpoint))
+    resumed = initial = None
+    if args.resume:
+        resumed = newest_checkpoint(out)
+        args = _resumed_args(args, explicit, resumed.args)
+        print(f"resuming from {resumed.path} at step {resumed.state.step}", flush=True)
+    else:
+        _refuse_earlier_run(out)
+        if args.init_from:
+            initial = Model.load(args.init_from, writable=True)
+            _take_architecture(args, explicit, initial)
+    _resolve(args)
+
+    _announce(1)
+    files = find_text_files(args.data)
+    skipped = f" ({files.skipped} skipped: not UTF-8 text)" if files.skipped else ""
+    print(f"  {len(files.paths)} text files, {files.total_bytes / 1e6:.1f} MB{skipped}",
+          flush=True)
+
+    _announce(2)
+    if resumed is not None:
+        tokenizer, source = resumed.model.tokenizer, "from the checkpoint"
+    elif initial is not None and initial.tokenizer is not None:
+        tokenizer, source = initial.tokenizer, f"from {args.init_from}"
+    else:
+        tokenizer, source = _train_tokenizer(files, args), f"{args.tokenizer}, from the corpus"
+    save_tokenizer(tokenizer, out)
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"  {vocab_size} tokens ({source}): tokenizer.json, vocab.txt", flush=True)
+
+    _announce(3)
+    with _bar(files.total_bytes, "encoding", unit="B", unit_scale=True) as bar:
+        build_dataset(tokenizer, files, out / "dataset.bin", bar.update)
+    tokens = open_dataset(out / "dataset.bin", vocab_size)
+    train_split, val_split = split_train_val(tokens, args.val_fraction)
+    _require_sequences(args, train_split, val_split)
+    print(f"  {len(tokens):,} tokens ({tokens.dtype.itemsize * 8}-bit ids): "
+          f"{len(train_split):,} training, {len(val_split):,} validation", flush=True)
+
+    _announce(4)
+    model, optimizer, state = _initial_model(args, tokenizer, resumed, initial)
+    print(f"  GPT-2: {describe(model.config)}", flush=True)
+
+    _announce(5)
+    total_steps = args.max_steps or max(
+        1, args.epochs * (len(train_split) // (args.batch * args.seq_len)))
+    with _metrics_log(out / "metrics.jsonl", state.step) as metrics:
+        _train_loop(args, model, optimizer, state, total_steps, train_split, val_split, out,
+                    metrics)
+        _announce(6)
+        _final_save(args, model, state, val_split, train_split, out, metrics, started)
+
+
+def _announce(phase: int) -> None:
+    print(f"[{phase}/{len(PHASES)}] {PHASES[phase - 1]}", flush=True)
+
+
+def _bar(total: int, desc: str, **kwargs) -> tqdm:
+    return tqdm(total=total, desc=f"  {desc}", dynamic_ncols=True, **kwargs)
+
+
+# ---- before the phases: the output folder and the arguments ----
+
+def _output_folder(folder: Path) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise CllmError(f"{folder}: the checkpoint folder is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CllmError(f"{folder}: cannot create the checkpoint folder: {e.strerror}") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CllmError(f"{folder}: the checkpoint folder is not writable")
+    # a killed run's partial files: a checkpoint's can be as large as the model three times
+    remove_stale_temporaries(folder)
+    return folder
+
+
+def _refuse_earlier_run(out: Path) -> None:
+    """A new run would overwrite an earlier one's files; resuming it is what was likely meant."""
+    earlier = [path for _, path in list_checkpoints(out)] + [
+        path for path in [out / FINAL_MODEL] if path.exists()]
+    if earlier:
+        raise CllmError(f"{out} holds an earlier run ({earlier[0].name}): continue it with "
+                        f"--resume, or give another folder with -c")
+
+
+def _resumed_args(args: argparse.Namespace, explicit: set[str],
+                  saved: dict) -> argparse.Namespace:
+    """The checkpoint's run arguments, with the flags given now on top. Architecture flags may
+    not change; the others (steps, rates...) may, at the price of exactness."""
+    check_agrees(args, explicit, {name: saved[name] for name in TRAIN_ARCHITECTURE
+                                  if name in saved}, "the checkpoint")
+    merged = {**vars(args), **saved}
+    merged.update({name: getattr(args, name) for name in explicit})
+    # Where the data and outputs are and how many threads run change nothing in the result.
+    merged.update(data=args.data, checkpoint=args.checkpoint, threads=args.threads, resume=True)
+    return argparse.Namespace(**merged)
+
+
+def _take_architecture(args: argparse.Namespace, explicit: set[str], model: Model) -> None:
+    """--init-from: the architecture (and tokenizer, if it has one) comes from the file."""
+    given = architecture_args(model.config)
+    if model.tokenizer is not None and tokenizer_kind(model.tokenizer) is not None:
+        given["tokenizer"] = tokenizer_kind(model.tokenizer)
+    check_agrees(args, explicit, given, args.init_from)
+    vars(args).update(given)
+    n_ctx = model.config.n_ctx
+    if "seq_len" not in explicit:
+        args.seq_len = max(1, n_ctx // 2)  # the relation n_ctx = 2 x seq-len of new models
+    elif args.seq_len > n_ctx:
+        raise CllmError(f"--seq-len {args.seq_len} exceeds the context of {args.init_from} "
+                        f"({n_ctx} tokens)")
+
+
+def _resolve(args: argparse.Namespace) -> None:
+    check_architecture(args)
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10
+    if args.min_lr > args.lr:
+        raise CllmError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
+
+
+# ---- phases 2 to 4 ----
+
+def _train_tokenizer(files, args: argparse.Namespace):
+    with _bar(len(files.paths), "reading", unit="file") as bar:
+        texts = _counted(iter_texts(files), bar)
+        return train_char(texts) if args.tokenizer == "char" else train_bpe(texts, args.vocab)
+
+
+def _counted(texts, bar: tqdm):
+    for text in texts:
+        yield text
+        bar.update()
+
+
+def _require_sequences(args: argparse.Namespace, train_split, val_split) -> None:
+    needed = args.seq_len + 1  # one window's inputs and the target after its last token
+    if len(train_split) < needed:
+        raise DataError(f"the corpus is too short: its training split has {len(train_split)} "
+                        f"tokens and one sequence of --seq-len {args.seq_len} needs {needed}")
+    if args.val_fraction > 0 and len(val_split) < needed:
+        raise DataError(f"the validation split (--val-fraction {args.val_fraction:g}) has "
+                        f"{len(val_split)} tokens and one sequence of --seq-len {args.seq_len} "
+                        f"needs {needed}: give more text, a larger --val-fraction, or 0 for none")
+
+
+def _initial_model(args: argparse.Namespace, tokenizer, resumed: Checkpoint | None,
+                   initial: Model | None) -> tuple[Model, AdamW, TrainingState]:
+    if resumed is not None:
+        model = resumed.model
+    elif initial is not None:
+        model = initial
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise DataError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
+                            f"{args.init_from} has room for {model.config.vocab_size}")
+        model.tokenizer = tokenizer
+    else:
+        config = model_config(args, tokenizer.get_vocab_size(), 2 * args.seq_len)
+        model = Model.create(config, seed=args.seed, tokenizer=tokenizer)
+    optimizer = AdamW(model, lr=args.lr, betas=(args.beta1, args.beta2),
+                      weight_decay=args.weight_decay)
+    if resumed is None:
+        return model, optimizer, TrainingState(
+            0, np.random.default_rng([args.seed, _TRAIN_WINDOWS]), None, 0.0)
+    optimizer.m[...] = resumed.moments["m"]
+    optimizer.v[...] = resumed.moments["v"]
+    optimizer.step_count = resumed.state.step
+    return model, optimizer, resumed.state
+
+
+# ---- phase 5 ----
+
+@contextlib.contextmanager
+def _metrics_log(path: Path, step: int):
+    """metrics.jsonl holding exactly the lines of the steps done so far, open for appending."""
+    truncate_metrics(path, step)
+    log = MetricsLog(path)
+    try:
+        yield log
+    finally:
+        log.close()
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Ctrl-C sets the event instead of raising, so that the step in progress finishes and
+    is checkpointed; a second Ctrl-C interrupts at once."""
+    interrupted = threading.Event()
+
+    def handler(signum, frame):
+        interrupted.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _train_loop(args, model: Model, optimizer: AdamW, state: TrainingState, total_steps: int,
+                train_split, val_split, out: Path, metrics: MetricsLog) -> None:
+    B, T = args.batch, args.seq_len
+    threads = args.threads or usable_cores()
+    evaluating = args.eval_every > 0 and len(val_split) > 0
+    if evaluating:
+        eval_rng = np.random.default_rng([args.seed, _EVAL_WINDOWS])
+        eval_batches = [sample_windows(eval_rng, val_split, B, T, "the validation split")
+                        for _ in range(args.eval_batches)]
+    print(f"  {total_steps} steps of {B} x {T} tokens, lr {args.lr:g} (warmup {args.warmup}, "
+          f"cosine to {args.min_lr:g}), {threads} threads, {args.spheres} spheres", flush=True)
+    if state.step >= total_steps:
+        print(f"  already trained to step {state.step}", flush=True)
+        return
+    saved_args = {name: value for name, value in vars(args).items() if name != "command"}
+    resumed_elapsed, loop_start = state.elapsed, time.perf_counter()
+    smoothed_rate = None
+    with _bar(total_steps, "training", initial=state.step, unit="step") as bar, \
+            _deferred_interrupt() as interrupted:
+        while state.step < total_steps:
+            step_start = time.perf_counter()
+            step = state.step + 1
+            # Node Zero: the batch of random windows every sphere's share is cut from
+            x, y = sample_windows(state.rng, train_split, B, T, "the training split")
+            loss, _ = model.loss_and_grads(x, y, spheres=args.spheres, threads=threads)
+            norm = grad_norm(model.grad_flat, threads)
+            lr = scheduled_lr(step, total_steps, args.lr, args.min_lr, args.warmup)
+            optimizer.step(model.grad_flat, lr=lr, grad_scale=clip_scale(norm, args.grad_clip),
+                           threads=threads)
+            rate = B * T / (time.perf_counter() - step_start)
+            state.step = step
+            state.elapsed = resumed_elapsed + time.perf_counter() - loop_start
+            metrics.write(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate,
+                          elapsed=state.elapsed)
+            if evaluating and step % args.eval_every == 0:
+                val_loss = _mean_loss(model, eval_batches, args.spheres, threads)
+                metrics.write(step=step, val_loss=val_loss)
+                state.best_val_loss = _lowest(state.best_val_loss, val_loss)
+                bar.write(f"  step {step}: validation loss {val_loss:.4f}")
+            saved = None
+            if step % args.checkpoint_every == 0:
+                saved = save_checkpoint(out, model, optimizer, state, saved_args,
+                                        args.keep_checkpoints)
+            smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
+            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {smoothed_rate:,.0f} tokens/s",
+                                refresh=False)
+            bar.update()
+            if interrupted.is_set():
+                path = saved or save_checkpoint(out, model, optimizer, state, saved_args,
+                                                args.keep_checkpoints)
+                bar.close()
+                print(f"interrupted: step {step} saved to {path}; continue with --resume",
+                      flush=True)
+                raise KeyboardInterrupt
+
+
+def _mean_loss(model: Model, batches, spheres: int, threads: int) -> float:
+    """Mean loss per target token over (x, y) batches, which may differ in size."""
+    total, count = 0.0, 0
+    for x, y in batches:
+        total += model.loss(x, y, spheres=spheres, threads=threads) * y.size
+        count += y.size
+    return total / count
+
+
+def _lowest(best: float | None, loss: float) -> float:
+    return loss if best is None else min(best, loss)
+
+
+# ---- phase 6 ----
+
+def _shown(value) -> str:
+    return str(round(value, 4) if isinstance(value, float) else value)
+
+
+def _final_save(args, model: Model, state: TrainingState, val_split, train_split, out: Path,
+                metrics: MetricsLog, started: float) -> None:
+    threads = args.threads or usable_cores()
+    model.save(out / FINAL_MODEL)
+    print(f"  {out / FINAL_MODEL}", flush=True)
+
+    final_val_loss = None
+    if len(val_split):
+        windows = (len(val_split) - 1) // args.seq_len
+        with _bar(math.ceil(windows / args.batch), "validating", unit="batch") as bar:
+            batches = _counted(iter_windows_sequential(val_split, args.batch, args.seq_len,
+                                                       "the validation split"), bar)
+            final_val_loss = _mean_loss(model, batches, args.spheres, threads)
+        metrics.write(step=state.step, final_val_loss=final_val_loss,
+                      val_tokens=windows * args.seq_len)
+        state.best_val_loss = _lowest(state.best_val_loss, final_val_loss)
+        print(f"  final validation loss {final_val_loss:.4f} over the whole validation split "
+              f"({windows * args.seq_len:,} tokens)", flush=True)
+
+    # prompts from text the model did not train on, where there is such text
+    samples = generate_samples(model, val_split if len(val_split) else train_split,
+                               args.seq_len, args.seed, threads)
+    write_samples(samples, out / "samples.txt")
+    for i, text in enumerate(samples):
+        print(f"----- sample {i + 1} -----\n{text}", flush=True)
+
+    tokens = state.step * args.batch * args.seq_len
+    stats = dict(steps=state.step, tokens=tokens, parameters=model.num_parameters,
+                 wall_time_s=round(time.perf_counter() - started, 3),
+                 train_time_s=round(state.elapsed, 3),
+                 tokens_per_s=round(tokens / state.elapsed, 1) if state.elapsed else None,
+                 best_val_loss=state.best_val_loss, final_val_loss=final_val_loss,
+                 peak_memory_mb=round(peak_memory_mb(), 1))
+    write_stats(stats, out / "stats.json")
+    print("  " + ", ".join(f"{name.replace('_', ' ')} {_shown(value)}"
+                           for name, value in stats.items()), flush=True)
+    plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
+    print(f"  {out}: samples.txt, stats.json, loss.png, metrics.jsonl", flush=True)
