@@ -3,7 +3,8 @@
     PYTHONPATH=src python bench/ablation.py [--steps 1000] [--seeds 3] [--threads 2]
     PYTHONPATH=src python bench/ablation.py --timing-only
 
-Trains the same budget with no switch, each switch alone and all four together, once per seed:
+Trains the same budget with no switch, each switch alone, all four together and the defaults
+(angular and Ulam, the two that won), once per seed:
 character tokens (ids of sorted(set(text))), 90/10 split, C=128, L=4, H=4, T=64, B=12, AdamW
 (betas 0.9, 0.99, weight decay 0.1), learning rate warmed up linearly over the first 5% of the
 steps then cosine from 1e-3 down to 1e-4, gradients clipped at norm 1.0. The batches are
@@ -56,6 +57,7 @@ SETTINGS = {
     "ulam": {**GPT2_SWITCHES, "attention": "ulam"},
     "crystalline": {**GPT2_SWITCHES, "loss": "crystalline"},
     "all four": dict(init="lattice", position="angular", attention="ulam", loss="crystalline"),
+    "defaults": dict(init="normal", position="angular", attention="ulam", loss="ce"),
 }
 
 
@@ -165,16 +167,16 @@ def plot(results: dict[str, list[dict]], rows: list[dict], path: Path, title: st
     fig.savefig(path, dpi=120)
 
 
-def ablation(steps: int, seeds: int, threads: int, data: Path) -> None:
+def ablation(steps: int, seeds: int, threads: int, data: Path, settings: list[str]) -> None:
     train_ids, val_ids, vocab_size = load_tokens(data)
     val_rng = np.random.default_rng(1_000_003)
     val_batches = [windows(val_ids, val_rng, B) for _ in range(EVAL_BATCHES)]
     load = os.getloadavg()
-    results: dict[str, list[dict]] = {name: [] for name in SETTINGS}
+    results: dict[str, list[dict]] = {name: [] for name in settings}
     start = time.time()
     for seed in range(seeds):
-        for name, setting in SETTINGS.items():
-            r = train(setting, seed, vocab_size, train_ids, val_batches, steps, threads)
+        for name in settings:
+            r = train(SETTINGS[name], seed, vocab_size, train_ids, val_batches, steps, threads)
             results[name].append(r)
             print(f"seed {seed} {name:12s} val CE {r['val_ce']:.4f} "
                   f"({r['tokens_per_s']:.0f} tokens/s, {time.time() - start:.0f} s so far)",
@@ -271,11 +273,15 @@ def main():
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                    metavar="NAME", help="the settings to train ('none' is always included: "
+                    "the differences are taken against it); default: all of them")
     ap.add_argument("--timing-only", action="store_true",
                     help="skip the training runs: training speed and attention timing only")
     args = ap.parse_args()
     if not args.timing_only:
-        ablation(args.steps, args.seeds, args.threads, args.data)
+        settings = ["none"] + [name for name in args.settings if name != "none"]
+        ablation(args.steps, args.seeds, args.threads, args.data, settings)
     OUT.mkdir(parents=True, exist_ok=True)
     vocab_size = load_tokens(args.data)[2]
     timing = throughput(vocab_size, args.threads) + "\n" + attention_timing(vocab_size)

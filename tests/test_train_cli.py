@@ -18,6 +18,7 @@ from cli_helpers import (TINY, assert_clean_error, door, metric_lines, run_cli, 
 from cllm.checkpoint import load_cllm
 from cllm.cli import main
 from cllm.data import open_dataset
+from cllm.model import Model
 from cllm.optim import scheduled_lr
 
 STEPS = 9
@@ -288,3 +289,29 @@ def test_checkpoint_of_another_architecture(full_run, corpus, tmp_path, capsys):
 def test_resume_without_checkpoint(corpus, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "-d", corpus, "-c", tmp_path, "--resume")
     assert "no checkpoint_step_N.cllm to resume from" in assert_clean_error(code, err, 1)
+
+
+def test_crystalline_switches_from_the_command_line(corpus, tmp_path, capsys):
+    """The switches reach the model, are saved in it, and the crystalline loss run also logs
+    plain cross-entropy at every step and evaluation."""
+    code, out, _ = run_cli(capsys, "train", "-d", corpus, "-c", tmp_path, *TINY, "--max-steps", 4,
+                           "--eval-every", 2, "--eval-batches", 1, "--checkpoint-every", 2,
+                           "--init", "lattice",
+                           "--position", "learned", "--attention", "dense", "--loss",
+                           "crystalline", "--crystalline-alpha", "0.3")
+    assert code == 0
+    config = Model.load(tmp_path / "final_model.cllm").config
+    assert (config.init, config.position, config.attention, config.loss,
+            config.crystalline_alpha) == ("lattice", "learned", "dense", "crystalline", 0.3)
+    lines = metric_lines(tmp_path / "metrics.jsonl")
+    assert all("ce" in r for r in lines if "loss" in r)
+    assert all("val_ce" in r for r in lines if "val_loss" in r)
+    assert any("final_val_ce" in r for r in lines)
+    code, _, err = run_cli(capsys, "train", "-d", corpus, "-c", tmp_path, "--resume",
+                           "--attention", "ulam")
+    assert "--attention ulam contradicts" in assert_clean_error(code, err, 1)
+
+
+def test_odd_head_width_with_angular_positions(corpus, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "-d", corpus, "-c", tmp_path, "-e", 6, "-H", 2)
+    assert "must be even" in assert_clean_error(code, err, 1)

@@ -25,6 +25,7 @@ non_negative_int = _number(int, lambda x: x >= 0, "an integer >= 0")
 positive_float = _number(float, lambda x: x > 0, "a number > 0")
 non_negative_float = _number(float, lambda x: x >= 0, "a number >= 0")
 fraction = _number(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+unit_interval = _number(float, lambda x: 0 <= x <= 1, "a number in [0, 1]")
 probability = _number(float, lambda x: 0 < x <= 1, "a number in (0, 1]")
 
 

@@ -4,6 +4,9 @@
     {"step", "val_loss"}                                               an evaluation
     {"step", "final_val_loss", "val_tokens"}                           the whole-split evaluation
 
+With the crystalline loss, each of them also holds the plain cross-entropy (`ce`, `val_ce`,
+`final_val_ce`), the number that compares across settings.
+
 `tokens_per_s` and `elapsed` (seconds of training since the run began) are timings; every
 other field is a deterministic function of the run's arguments.
 """

@@ -280,12 +280,14 @@ def _train_loop(args, model: Model, optimizer: AdamW, state: TrainingState, tota
             state.step = step
             state.elapsed = resumed_elapsed + time.perf_counter() - loop_start
             metrics.write(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate,
-                          elapsed=state.elapsed)
+                          elapsed=state.elapsed, **_plain_ce(model, "ce", model.last_ce))
             if evaluating and step % args.eval_every == 0:
-                val_loss = _mean_loss(model, eval_batches, args.spheres, threads)
-                metrics.write(step=step, val_loss=val_loss)
+                val_loss, val_ce = _mean_loss(model, eval_batches, args.spheres, threads)
+                metrics.write(step=step, val_loss=val_loss, **_plain_ce(model, "val_ce", val_ce))
                 state.best_val_loss = _lowest(state.best_val_loss, val_loss)
-                bar.write(f"  step {step}: validation loss {val_loss:.4f}")
+                bar.write(f"  step {step}: validation loss {val_loss:.4f}"
+                          + "".join(f" (cross-entropy {ce:.4f})"
+                                    for ce in _plain_ce(model, "val_ce", val_ce).values()))
             saved = None
             if step % args.checkpoint_every == 0:
                 saved = save_checkpoint(out, model, optimizer, state, saved_args,
@@ -303,13 +305,21 @@ def _train_loop(args, model: Model, optimizer: AdamW, state: TrainingState, tota
                 raise KeyboardInterrupt
 
 
-def _mean_loss(model: Model, batches, spheres: int, threads: int) -> float:
-    """Mean loss per target token over (x, y) batches, which may differ in size."""
-    total, count = 0.0, 0
+def _mean_loss(model: Model, batches, spheres: int, threads: int) -> tuple[float, float]:
+    """Mean loss and mean plain cross-entropy per target token over (x, y) batches, which may
+    differ in size."""
+    total, total_ce, count = 0.0, 0.0, 0
     for x, y in batches:
         total += model.loss(x, y, spheres=spheres, threads=threads) * y.size
+        total_ce += model.last_ce * y.size
         count += y.size
-    return total / count
+    return total / count, total_ce / count
+
+
+def _plain_ce(model: Model, key: str, ce: float) -> dict:
+    """{key: ce} where the training loss is not plain cross-entropy (the crystalline loss):
+    cross-entropy is the number that compares across settings."""
+    return {key: ce} if model.config.loss != "ce" else {}
 
 
 def _lowest(best: float | None, loss: float) -> float:
@@ -334,9 +344,10 @@ def _final_save(args, model: Model, state: TrainingState, val_split, train_split
         with _bar(math.ceil(windows / args.batch), "validating", unit="batch") as bar:
             batches = _counted(iter_windows_sequential(val_split, args.batch, args.seq_len,
                                                        "the validation split"), bar)
-            final_val_loss = _mean_loss(model, batches, args.spheres, threads)
+            final_val_loss, final_val_ce = _mean_loss(model, batches, args.spheres, threads)
         metrics.write(step=state.step, final_val_loss=final_val_loss,
-                      val_tokens=windows * args.seq_len)
+                      val_tokens=windows * args.seq_len,
+                      **_plain_ce(model, "final_val_ce", final_val_ce))
         state.best_val_loss = _lowest(state.best_val_loss, final_val_loss)
         print(f"  final validation loss {final_val_loss:.4f} over the whole validation split "
               f"({windows * args.seq_len:,} tokens)", flush=True)
