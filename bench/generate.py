@@ -48,9 +48,10 @@ def torch_worker(threads: int, tokens: int) -> dict:
     return dict(tokens_per_s=rate, ids=ids, rss_mb=peak_rss_mb(), version=torch.__version__)
 
 
-def infer_peak_rss(tokens: int, threads: int) -> float:
-    """Peak RSS (MB) of `python -m cllm infer` on a saved seed-configuration model that carries
-    a 30000-token BPE tokenizer trained on the standard library's source."""
+def infer_worker(threads: int, tokens: int) -> dict:
+    """Peak RSS (MB) of `python -m cllm infer`, this worker's only child, on a saved
+    seed-configuration model that carries a 30000-token BPE tokenizer trained on the standard
+    library's source."""
     from cllm import Model, ModelConfig
     from cllm.tokenizer import train_bpe
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -67,7 +68,10 @@ def infer_peak_rss(tokens: int, threads: int) -> float:
         subprocess.run([sys.executable, "-m", "cllm", "infer", "-m", path, "-p", "def main(",
                         "-n", str(tokens), "--threads", str(threads)], check=True,
                        stdout=subprocess.DEVNULL)
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return dict(rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+
+
+WORKERS = {"cllm": cllm_worker, "torch": torch_worker, "infer": infer_worker}
 
 
 def main():
@@ -75,11 +79,10 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--no-torch", action="store_true")
-    ap.add_argument("--worker", choices=["cllm", "torch"])
+    ap.add_argument("--worker", choices=list(WORKERS))
     args = ap.parse_args()
     if args.worker:
-        worker = cllm_worker if args.worker == "cllm" else torch_worker
-        print(json.dumps(worker(args.threads, args.tokens)))
+        print(json.dumps(WORKERS[args.worker](args.threads, args.tokens)))
         return
 
     common = ["--threads", str(args.threads), "--tokens", str(args.tokens)]
@@ -99,8 +102,8 @@ def main():
         print(f"cllm / Hugging Face {results['hf']['version']}: "
               f"{results['cllm']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x; "
               f"same greedy ids: {results['cllm']['ids'] == results['hf']['ids']}")
-    print(f"one-shot `cllm infer -n {args.tokens}` peak RSS: "
-          f"{infer_peak_rss(args.tokens, args.threads):.0f} MB")
+    infer = run_worker(__file__, "infer", *common, threads=args.threads)
+    print(f"one-shot `cllm infer -n {args.tokens}` peak RSS: {infer['rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":
