@@ -29,8 +29,8 @@ demo: install
 		-o -name idle_test -o -name __pycache__ \) -prune -o -name '*.py' -print0 | \
 	tar --null -cf - -T - | tar -xf - -C "$(CURDIR)/demo_out/stdlib"
 	$(PY) -m cllm train -d demo_out/stdlib -c demo_out/run --tokenizer char -e 128 -l 4 -H 4 \
-		-s 128 -b 16 --max-steps 600 -r 2e-3 --warmup 50 --min-lr 2e-4 --val-fraction 0.01 \
-		--eval-every 100 --eval-batches 5 --checkpoint-every 200
+		-s 128 -b 16 --max-steps 1300 -r 2e-3 --warmup 50 --min-lr 2e-4 --val-fraction 0.01 \
+		--eval-every 100 --eval-batches 5 --checkpoint-every 500
 
 bench: install
 	$(PY) bench/train_step.py
