@@ -121,3 +121,14 @@ def test_save_and_load_round_trip(tmp_path):
     writable = Model.load(path, writable=True)
     writable.params["wte"][0, 0] = 1.0
     assert Model.load(path).params["wte"][0, 0] == model.params["wte"][0, 0]
+
+
+def test_decoder_is_bitwise_identical_for_every_thread_count():
+    model = random_model(tied=False)
+    ids = np.random.default_rng(4).integers(0, 40, 16)
+    runs = []
+    for threads in (1, 2, 3, 4):
+        decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
+        runs.append(np.stack([decoder.step(int(t), pos).copy() for pos, t in enumerate(ids)]))
+    for run in runs[1:]:
+        assert np.array_equal(run, runs[0])

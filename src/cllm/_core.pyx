@@ -1008,6 +1008,12 @@ def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
 # ----------------------------------------------------------------------------------------------
 # incremental generation: one token at a time through every layer, with a key/value cache
 
+# Row blocks of a generation matrix-vector product: fixed, so that the sum does not depend on
+# the thread count; 4 keeps 1, 2 and 4 threads evenly loaded.
+cdef enum:
+    MATVEC_BLOCKS = 4
+
+
 cdef class Decoder:
     """Generation state of one sequence: the key/value cache of every layer for the whole
     context, allocated once, and the scratch rows of one token. `step` runs one token through
@@ -1021,7 +1027,7 @@ cdef class Decoder:
     cdef float[:, ::1] head_t                 # (C, V)
     cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
     cdef float[::1] x, ln, qkv, atty, fch, mean_rstd, logits, zeros
-    cdef float[:, ::1] partial                # (threads, max(3C, F, V)) per-thread sums
+    cdef float[:, ::1] partial                # (MATVEC_BLOCKS, max(3C, F, V)) block sums
     cdef float[:, ::1] scores                 # (H, n_ctx)
     cdef int threads
 
@@ -1045,27 +1051,23 @@ cdef class Decoder:
         self.mean_rstd = np.zeros(2, np.float32)
         self.logits = np.zeros(d.V, np.float32)
         self.zeros = np.zeros(d.V, np.float32)
-        self.partial = np.zeros((threads, max(3 * d.C, d.F, d.V)), np.float32)
+        self.partial = np.zeros((MATVEC_BLOCKS, max(3 * d.C, d.F, d.V)), np.float32)
         self.scores = np.zeros((d.H, d.n_ctx), np.float32)
 
     cdef void matvec(self, float *out, const float *x, const float *w, const float *b,
                      int IC, int OC) noexcept nogil:
-        """out (OC) = x (IC) @ w (IC, OC) + b: each thread sums a block of rows of w into its
-        own partial vector; the partials are then added in thread order."""
-        cdef int t, nt = self.threads, j
-        cdef float *y
-        if nt == 1:
-            memcpy(out, b, OC * sizeof(float))
-            cllm_matvec_accumulate(out, x, w, OC, 0, IC)
-            return
-        for t in prange(nt, num_threads=nt, schedule="static"):
-            y = &self.partial[t, 0]
-            memset(y, 0, OC * sizeof(float))
-            cllm_matvec_accumulate(y, x, w, OC, <int>(<long>IC * t // nt),
-                                   <int>(<long>IC * (t + 1) // nt))
+        """out (OC) = x (IC) @ w (IC, OC) + b. The rows of w are cut into MATVEC_BLOCKS fixed
+        blocks, shared among the threads, each summed into its own partial vector; the
+        partials are then added in block order, so the result is the same for every thread
+        count."""
+        cdef int blk
+        for blk in prange(MATVEC_BLOCKS, num_threads=self.threads, schedule="static"):
+            memset(&self.partial[blk, 0], 0, OC * sizeof(float))
+            cllm_matvec_accumulate(&self.partial[blk, 0], x, w, OC,
+                                   IC * blk // MATVEC_BLOCKS, IC * (blk + 1) // MATVEC_BLOCKS)
         memcpy(out, b, OC * sizeof(float))
-        for t in range(nt):
-            cllm_row_add(out, &self.partial[t, 0], OC)
+        for blk in range(MATVEC_BLOCKS):
+            cllm_row_add(out, &self.partial[blk, 0], OC)
 
     cdef void attend_one(self, int l, int pos) noexcept nogil:
         """atty = softmax(q k^T / sqrt(hd)) v over the cached positions that pos attends to

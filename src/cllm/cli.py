@@ -125,7 +125,8 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
                    help="sample among the most likely tokens that make up probability P")
     p.add_argument("--seed", type=non_negative_int, help="seed: the same seed, the same text")
     p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="threads (default: every usable core)")
+                   help="threads (default: the usable cores that are idle, by the load "
+                        "average; the text does not depend on it)")
     p.add_argument("-o", "--output", metavar="FILE", help="also write the text to FILE")
     p.add_argument("-i", "--interactive", action="store_true",
                    help="read prompts line by line (after -p, if given) until 'quit' or the "

@@ -1,6 +1,7 @@
 """Text generation: sampling over the logits of the core's incremental decoder."""
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -20,6 +21,18 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+
+
+def idle_cores() -> int:
+    """The usable cores not busy with other work (by the 1-minute load average), at least one.
+
+    Generating a token synchronises the threads a few dozen times; a thread that shares its
+    core with another process waits for the scheduler at each of those points, which makes
+    two threads on one busy core hundreds of times slower than one thread. The result does
+    not depend on the thread count (the decoder's sums are cut into fixed blocks), so this
+    choice never changes the text."""
+    usable = len(os.sched_getaffinity(0))
+    return max(1, min(usable, round(usable - os.getloadavg()[0])))
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
@@ -52,7 +65,7 @@ def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
     tokens, and when generation fills the context the window slides, keeping the last half of
     it (re-read into a fresh cache) so that every step sees as much recent text as possible
     without re-reading the whole window per token."""
-    from .model import blas_single_threaded, usable_cores  # model imports this module
+    from .model import blas_single_threaded  # model imports this module
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = [int(i) for i in ids]
     if not ids:
@@ -60,7 +73,7 @@ def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
     V, n_ctx = model.config.vocab_size, model.config.n_ctx
     if min(ids) < 0 or max(ids) >= V:
         raise ValueError(f"prompt ids must lie in [0, {V})")
-    threads = model._check_count("threads", threads, usable_cores())
+    threads = model._check_count("threads", threads, idle_cores())
     rng = np.random.default_rng(seed)
     decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
     window = ids[-n_ctx:]
