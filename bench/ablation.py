@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
+from common import machine_line, median_seconds  # noqa: E402
 
 from cllm import Model, ModelConfig, _core, crystal  # noqa: E402
 from cllm.config import GPT2_SWITCHES  # noqa: E402
@@ -219,16 +219,6 @@ def throughput(vocab_size: int, threads: int, rounds=5, steps=20) -> str:
         median = statistics.median(seconds[steps:])   # the first round warms up
         lines.append(f"| {name} | {1e3 * median:.1f} | {B * T / median:.0f} |")
     return "\n".join(lines) + "\n"
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: first touch of every buffer
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def attention_timing(vocab_size: int, lengths=(1024, 4096), C=128, H=4, radius=2,

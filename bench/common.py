@@ -5,6 +5,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +43,18 @@ def run_worker(script: str, *args: str, threads: int) -> dict:
     out = subprocess.run([sys.executable, script, "--worker", *args], env=env, check=True,
                          stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of fn() over `repeats` calls, after one untimed call (first touch of
+    every buffer, one-off start-up)."""
+    fn()
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:

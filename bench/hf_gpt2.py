@@ -5,13 +5,14 @@ Parameters come in and go out as NumPy dicts keyed by the names of ModelConfig.t
 """
 from __future__ import annotations
 
-import statistics
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from common import median_seconds
 
 # Hugging Face's own default on CPU, i.e. what a plain PyTorch user gets; the alternative is
 # "eager" (explicit matmul + softmax), which bench/hf_baseline.py also times for comparison.
@@ -99,13 +100,7 @@ def time_train_step(model, idx, targets, threads: int, steps: int, optimizer: bo
             adamw.step()
         model.zero_grad(set_to_none=True)
 
-    step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
+    return median_seconds(step, steps)
 
 
 def time_generate(model, prompt_ids, new_tokens: int, threads: int) -> tuple[float, list[int]]:

@@ -11,15 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (SEED_CONFIG, machine_line, matmul_peak_gflops, peak_rss_mb,  # noqa: E402
-                    run_worker, train_flops_per_token)
+from common import (SEED_CONFIG, machine_line, matmul_peak_gflops, median_seconds,  # noqa: E402
+                    peak_rss_mb, run_worker, train_flops_per_token)
 
 B, T = 32, 128
 
@@ -45,7 +43,7 @@ def cllm_worker(threads: int, steps: int, spheres: int) -> dict:
         scale = clip_scale(grad_norm(model.grad_flat, threads), 1.0)
         opt.step(model.grad_flat, grad_scale=scale, threads=threads)
 
-    return dict(fwd_bwd=time_steps(fwd_bwd, steps), train=time_steps(train_step, steps),
+    return dict(fwd_bwd=median_seconds(fwd_bwd, steps), train=median_seconds(train_step, steps),
                 rss_mb=peak_rss_mb())
 
 
@@ -59,16 +57,6 @@ def torch_worker(threads: int, steps: int) -> dict:
     return dict(fwd_bwd=time_train_step(model, idx, targets, threads, steps, optimizer=False),
                 train=time_train_step(model, idx, targets, threads, steps, optimizer=True),
                 rss_mb=peak_rss_mb(), version=torch.__version__)
-
-
-def time_steps(fn, steps: int) -> float:
-    fn()  # warm-up: first touch of every buffer
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
 
 
 def main():

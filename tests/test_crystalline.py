@@ -12,7 +12,8 @@ import crystalline_reference as cref
 import reference as ref
 from cllm import Model, ModelConfig, _core, crystal
 from cllm.config import GPT2_SWITCHES
-from test_core import check_against_reference, f32, model_with_params, rel_err
+from test_core import (check_against_reference, check_finite_differences, f32,
+                       model_with_params, rel_err)
 from test_generate import greedy_by_full_forwards
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -247,22 +248,7 @@ def test_model_matches_reference(rng, switch, tied):
 def test_gradients_match_finite_differences(rng, switch):
     config = ModelConfig(vocab_size=13, n_ctx=7, n_embd=8, n_layer=2, n_head=2,
                          tie_embeddings=False, **SWITCHES[switch])
-    model, params64 = model_with_params(config, rng, scale=0.3)
-    idx, targets = rng.integers(0, 13, (3, 7)), rng.integers(0, 13, (3, 7))
-    targets[1, 2] = -1
-    _, grads = model.loss_and_grads(idx, targets, spheres=2, threads=2)
-    h = 1e-6
-    for name, p in params64.items():
-        flat = p.reshape(-1)
-        for i in rng.choice(flat.size, size=min(3, flat.size), replace=False):
-            old = flat[i]
-            flat[i] = old + h
-            up = ref.gpt2_loss(params64, config, idx, targets)
-            flat[i] = old - h
-            down = ref.gpt2_loss(params64, config, idx, targets)
-            flat[i] = old
-            numeric = (up - down) / (2 * h)
-            assert abs(grads[name].reshape(-1)[i] - numeric) < 1e-4 + 1e-3 * abs(numeric), (name, i)
+    check_finite_differences(config, rng, T=7, per_tensor=3)
 
 
 def test_bitwise_identical_for_every_thread_count_with_every_switch(rng):
