@@ -48,10 +48,9 @@ def torch_worker(threads: int, tokens: int) -> dict:
     return dict(tokens_per_s=rate, ids=ids, rss_mb=peak_rss_mb(), version=torch.__version__)
 
 
-def infer_worker(threads: int, tokens: int) -> dict:
-    """Peak RSS (MB) of `python -m cllm infer`, this worker's only child, on a saved
-    seed-configuration model that carries a 30000-token BPE tokenizer trained on the standard
-    library's source."""
+def save_seed_model_with_tokenizer(path: str) -> None:
+    """The seed configuration with a 30000-token BPE tokenizer trained on the standard
+    library's source, as `cllm infer` would meet it."""
     from cllm import Model, ModelConfig
     from cllm.tokenizer import train_bpe
     stdlib = sysconfig.get_paths()["stdlib"]
@@ -62,16 +61,21 @@ def infer_worker(threads: int, tokens: int) -> dict:
                 texts.append(f.read())
     tokenizer = train_bpe(texts, SEED_CONFIG["vocab_size"])
     config = ModelConfig(**{**SEED_CONFIG, "vocab_size": tokenizer.get_vocab_size()})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "seed.cllm")
-        Model.create(config, seed=0, tokenizer=tokenizer).save(path)
-        subprocess.run([sys.executable, "-m", "cllm", "infer", "-m", path, "-p", "def main(",
-                        "-n", str(tokens), "--threads", str(threads)], check=True,
-                       stdout=subprocess.DEVNULL)
+    Model.create(config, seed=0, tokenizer=tokenizer).save(path)
+
+
+def infer_worker(args) -> dict:
+    """Peak RSS (MB) of `python -m cllm infer` on args.model. It is this small worker's only
+    child, so the children's peak is its own, not that of a large parent it was forked from."""
+    subprocess.run([sys.executable, "-m", "cllm", "infer", "-m", args.model, "-p", "def main(",
+                    "-n", str(args.tokens), "--threads", str(args.threads)], check=True,
+                   stdout=subprocess.DEVNULL)
     return dict(rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
 
 
-WORKERS = {"cllm": cllm_worker, "torch": torch_worker, "infer": infer_worker}
+WORKERS = {"cllm": lambda args: cllm_worker(args.threads, args.tokens),
+           "torch": lambda args: torch_worker(args.threads, args.tokens),
+           "infer": infer_worker}
 
 
 def main():
@@ -80,9 +84,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--worker", choices=list(WORKERS))
+    ap.add_argument("--model", help="the .cllm file of the infer worker")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.threads, args.tokens)))
+        print(json.dumps(WORKERS[args.worker](args)))
         return
 
     common = ["--threads", str(args.threads), "--tokens", str(args.tokens)]
@@ -102,7 +107,10 @@ def main():
         print(f"cllm / Hugging Face {results['hf']['version']}: "
               f"{results['cllm']['tokens_per_s'] / results['hf']['tokens_per_s']:.2f}x; "
               f"same greedy ids: {results['cllm']['ids'] == results['hf']['ids']}")
-    infer = run_worker(__file__, "infer", *common, threads=args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "seed.cllm")
+        save_seed_model_with_tokenizer(path)
+        infer = run_worker(__file__, "infer", *common, "--model", path, threads=args.threads)
     print(f"one-shot `cllm infer -n {args.tokens}` peak RSS: {infer['rss_mb']:.0f} MB")
 
 
