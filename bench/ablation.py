@@ -38,7 +38,7 @@ from common import machine_line, median_seconds  # noqa: E402
 
 from cllm import Model, ModelConfig, _core, crystal  # noqa: E402
 from cllm.config import GPT2_SWITCHES  # noqa: E402
-from cllm.model import blas_single_threaded  # noqa: E402
+from cllm.threads import blas_single_threaded  # noqa: E402
 from cllm.optim import AdamW, clip_scale, grad_norm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -439,37 +439,6 @@ cdef void ulam_attention_backward(float *dqkv, float *datt, const float *dout, c
 
 
 # ----------------------------------------------------------------------------------------------
-# softmax cross-entropy over the vocabulary
-
-cdef double crossentropy_forward_backward(float *logits, const int64_t *targets, int N, int V,
-                                          float dscale, bint backward) noexcept nogil:
-    """Sum over rows with target != -1 of -log softmax(logits)[target].
-
-    With `backward`, logits (N, V) are replaced by d loss / d logits = dscale * (p - onehot),
-    and by zero on ignored rows."""
-    cdef int n
-    cdef int64_t y
-    cdef float mx, target_logit
-    cdef double total = 0.0, z
-    cdef float *row
-    for n in range(N):
-        row = logits + <Py_ssize_t>n * V
-        y = targets[n]
-        if y < 0:
-            if backward:
-                memset(row, 0, V * sizeof(float))
-            continue
-        mx = cllm_row_max(row, V)
-        target_logit = row[y]
-        z = cllm_row_exp_sum(row, V, mx)
-        total += log(z) - (target_logit - mx)
-        if backward:
-            cllm_row_scale(row, V, <float>(dscale / z))
-            row[y] -= dscale
-    return total
-
-
-# ----------------------------------------------------------------------------------------------
 # crystalline loss: cross-entropy mixed with a structured target q_y over the vocabulary,
 #   s(a, b) = 0.7 gcd(a, b) / max(a, b) + 0.3 / (1 + ||u(a) - u(b)||_2),  a = v + 1, b = y + 1
 #   q_y(v) = s(v + 1, y + 1) / sum over w of s(w + 1, y + 1)
@@ -503,21 +472,25 @@ cdef void crystalline_target_row(float *q, int y, int V, const int32_t *ulam_xy)
     cllm_row_scale(q, V, <float>(1.0 / total))
 
 
-cdef double crystalline_forward_backward(float *logits, double *ce, const int64_t *targets,
-                                         int N, int V, const float *q_rows,
-                                         const int32_t *q_row_of, float alpha, float dscale,
-                                         bint backward) noexcept nogil:
-    """Sum over rows with target != -1 of (1 - alpha) (-log p_y) + alpha (-sum_v q_y(v) log p_v);
-    the plain cross-entropy sum goes to *ce.
+cdef double crossentropy_forward_backward(float *logits, double *ce, const int64_t *targets,
+                                          int N, int V, const float *q_rows,
+                                          const int32_t *q_row_of, float alpha, float dscale,
+                                          bint backward) noexcept nogil:
+    """Sum over rows with target != -1 of the training loss; the plain cross-entropy sum goes
+    to *ce. Without q_rows (NULL) the loss is plain cross-entropy -log p_y; with them it is the
+    crystalline loss (1 - alpha) (-log p_y) + alpha (-sum_v q_y(v) log p_v).
 
     With `backward`, logits (N, V) are replaced by
-    d loss / d logits = dscale * (p - (1 - alpha) onehot(y) - alpha q_y), zero on ignored rows."""
+    d loss / d logits = dscale * (p - (1 - alpha) onehot(y) - alpha q_y), zero on ignored rows
+    (alpha is 0 without q_rows)."""
     cdef int n, v
     cdef int64_t y
     cdef float mx, target_logit
     cdef double total = 0.0, plain = 0.0, z, logz, row_ce, qdot
     cdef float *row
-    cdef const float *q
+    cdef const float *q = NULL
+    if q_rows == NULL:
+        alpha = 0.0
     for n in range(N):
         row = logits + <Py_ssize_t>n * V
         y = targets[n]
@@ -525,12 +498,13 @@ cdef double crystalline_forward_backward(float *logits, double *ce, const int64_
             if backward:
                 memset(row, 0, V * sizeof(float))
             continue
-        q = q_rows + <Py_ssize_t>q_row_of[y] * V
         mx = cllm_row_max(row, V)
         target_logit = row[y]
         qdot = 0.0   # sum_v q_y(v) (logit_v - mx), before exp overwrites the row
-        for v in range(V):
-            qdot = qdot + q[v] * (row[v] - mx)
+        if q_rows != NULL:
+            q = q_rows + <Py_ssize_t>q_row_of[y] * V
+            for v in range(V):
+                qdot = qdot + q[v] * (row[v] - mx)
         z = cllm_row_exp_sum(row, V, mx)
         logz = log(z)
         row_ce = logz - (target_logit - mx)
@@ -538,7 +512,8 @@ cdef double crystalline_forward_backward(float *logits, double *ce, const int64_
         total += (1.0 - alpha) * row_ce + alpha * (logz - qdot)
         if backward:
             cllm_row_scale(row, V, <float>(dscale / z))
-            cllm_row_axpy(row, q, V, -dscale * alpha)
+            if q_rows != NULL:
+                cllm_row_axpy(row, q, V, -dscale * alpha)
             row[y] -= dscale * (1.0 - alpha)
     ce[0] = plain
     return total
@@ -617,12 +592,9 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     matmul(False, True, N, V, C, 1.0, a.lnf, C, params + d.head, C, 0.0, logits, V)
     if mode == MODE_LOGITS:
         return 0.0
-    if d.crystalline:
-        loss = crystalline_forward_backward(logits, ce, targets, N, V, d.q_rows, d.q_row_of,
-                                            d.alpha, dscale, mode == MODE_GRADS)
-    else:
-        loss = crossentropy_forward_backward(logits, targets, N, V, dscale, mode == MODE_GRADS)
-        ce[0] = loss
+    loss = crossentropy_forward_backward(logits, ce, targets, N, V,
+                                         d.q_rows if d.crystalline else NULL, d.q_row_of,
+                                         d.alpha, dscale, mode == MODE_GRADS)
     if mode == MODE_LOSS:
         return loss
 
@@ -944,8 +916,10 @@ def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, :, :
 def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, float dscale):
     """-> (summed loss over targets != -1, dlogits = dscale * (softmax - onehot))"""
     cdef float[:, ::1] work = np.array(logits, np.float32)
-    cdef double loss = crossentropy_forward_backward(&work[0, 0], &targets[0], work.shape[0],
-                                                     work.shape[1], dscale, True)
+    cdef double ce = 0.0
+    cdef double loss = crossentropy_forward_backward(&work[0, 0], &ce, &targets[0],
+                                                     work.shape[0], work.shape[1], NULL, NULL,
+                                                     0.0, dscale, True)
     return loss, np.asarray(work)
 
 
@@ -999,7 +973,7 @@ def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
     cdef double ce = 0.0
     q_rows, q_row_of = crystalline_targets(np.asarray(targets)[None, :],
                                            dict(V=work.shape[1], ulam_xy=ulam_xy), 1)
-    cdef double loss = crystalline_forward_backward(
+    cdef double loss = crossentropy_forward_backward(
         &work[0, 0], &ce, &targets[0], work.shape[0], work.shape[1], &q_rows[0, 0],
         &q_row_of[0], alpha, dscale, True)
     return loss, ce, np.asarray(work)

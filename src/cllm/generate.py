@@ -1,12 +1,12 @@
 """Text generation: sampling over the logits of the core's incremental decoder."""
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
 
 from . import _core
+from .threads import idle_cores
 from .tokenizer import decode, encode
 
 
@@ -21,18 +21,6 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
-
-
-def idle_cores() -> int:
-    """The usable cores not busy with other work (by the 1-minute load average), at least one.
-
-    Generating a token synchronises the threads a few dozen times; a thread that shares its
-    core with another process waits for the scheduler at each of those points, which makes
-    two threads on one busy core hundreds of times slower than one thread. The result does
-    not depend on the thread count (the decoder's sums are cut into fixed blocks), so this
-    choice never changes the text."""
-    usable = len(os.sched_getaffinity(0))
-    return max(1, min(usable, round(usable - os.getloadavg()[0])))
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
@@ -65,7 +53,6 @@ def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
     tokens, and when generation fills the context the window slides, keeping the last half of
     it (re-read into a fresh cache) so that every step sees as much recent text as possible
     without re-reading the whole window per token."""
-    from .model import blas_single_threaded  # model imports this module
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     ids = [int(i) for i in ids]
     if not ids:
@@ -77,21 +64,23 @@ def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
     rng = np.random.default_rng(seed)
     decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
     window = ids[-n_ctx:]
-    logits = None
-    with blas_single_threaded():
-        for pos, token in enumerate(window):
-            logits = decoder.step(token, pos)
+    logits = _read(decoder, window)
     for _ in range(max_new_tokens):
         token = sample(logits, rng, temperature, top_k, top_p)
         yield token
         if len(window) == n_ctx:
             window = window[n_ctx - n_ctx // 2:]
-            with blas_single_threaded():
-                for pos, t in enumerate(window):
-                    logits = decoder.step(t, pos)
+            _read(decoder, window)
         window.append(token)
-        with blas_single_threaded():
-            logits = decoder.step(token, len(window) - 1)
+        logits = decoder.step(token, len(window) - 1)
+
+
+def _read(decoder, window: list[int]):
+    """Fill a fresh cache with the window from position 0; the logits after its last token."""
+    logits = None
+    for pos, token in enumerate(window):
+        logits = decoder.step(token, pos)
+    return logits
 
 
 def iter_text(model, prompt: str, **kwargs) -> Iterator[str]:

@@ -2,33 +2,17 @@
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from typing import Iterator
 
 import numpy as np
-from threadpoolctl import ThreadpoolController
 
 from . import _core, crystal
 from .checkpoint import load_cllm, save_cllm
 from .config import LAYER_TENSORS, ModelConfig
 from .generate import iter_ids, iter_text
+from .threads import blas_single_threaded, usable_cores
 from .tokenizer import tokenizer_from_json, tokenizer_to_json
-
-_blas_controller = None
-
-
-def blas_single_threaded():
-    """Context in which BLAS runs on one thread: the spheres are the parallelism, and BLAS
-    threads nested inside them would oversubscribe the cores."""
-    global _blas_controller
-    if _blas_controller is None:
-        _blas_controller = ThreadpoolController()
-    return _blas_controller.limit(limits=1, user_api="blas")
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 class Model:

@@ -26,7 +26,8 @@ from .data import (build_dataset, find_text_files, iter_texts, iter_windows_sequ
 from .errors import CllmError, DataError
 from .fileio import remove_stale_temporaries
 from .metrics import MetricsLog, read_metrics, truncate_metrics
-from .model import Model, usable_cores
+from .model import Model
+from .threads import usable_cores
 from .optim import AdamW, clip_scale, grad_norm, scheduled_lr
 from .report import generate_samples, peak_memory_mb, plot_losses, write_samples, write_stats
 from .resume import Checkpoint, TrainingState, newest_checkpoint, save_checkpoint

@@ -1,0 +1,33 @@
+"""How many threads: the usable cores, the idle ones, and BLAS held to one thread."""
+from __future__ import annotations
+
+import os
+
+from threadpoolctl import ThreadpoolController
+
+_blas_controller = None
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def idle_cores() -> int:
+    """The usable cores not busy with other work (by the 1-minute load average), at least one.
+
+    Generating a token synchronises the threads a few dozen times; a thread that shares its
+    core with another process waits for the scheduler at each of those points, which makes
+    two threads on one busy core hundreds of times slower than one thread. The decoder's
+    result does not depend on the thread count (its sums are cut into fixed blocks), so this
+    choice never changes the text."""
+    usable = usable_cores()
+    return max(1, min(usable, round(usable - os.getloadavg()[0])))
+
+
+def blas_single_threaded():
+    """Context in which BLAS runs on one thread: the spheres are the parallelism, and BLAS
+    threads nested inside them would oversubscribe the cores."""
+    global _blas_controller
+    if _blas_controller is None:
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
