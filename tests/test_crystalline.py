@@ -183,8 +183,7 @@ def test_ulam_attention_equals_dense_attention_under_the_mask(T, r, nb, H, hd, s
 @given(V=st.integers(1, 120), seed=st.integers(0, 2**32 - 1))
 def test_q_rows_equal_the_formula_and_sum_to_one(V, seed):
     targets = np.random.default_rng(seed).integers(-1, V, (2, 7))
-    dims = dict(V=V, ulam_xy=crystal.ulam_points(V))
-    q_rows, row_of = _core.crystalline_targets(targets, dims, 2)
+    q_rows, row_of = _core.crystalline_targets(targets, crystal.ulam_points(V), 2)
     distinct = sorted(set(targets[targets >= 0].tolist()))
     assert [y for y in range(V) if row_of[y] >= 0] == distinct
     for y in distinct:
@@ -256,8 +255,8 @@ def test_bitwise_identical_for_every_thread_count_with_every_switch(rng):
     idx, targets = rng.integers(0, 40, (9, 16)), rng.integers(-1, 40, (9, 16))
     results = []
     for threads in (1, 2, 3):
-        loss, _ = model.loss_and_grads(idx, targets, spheres=5, threads=threads)
-        results.append((loss, model.last_ce, model.grad_flat.copy(),
+        (loss, ce), _ = model.loss_and_grads(idx, targets, spheres=5, threads=threads)
+        results.append((loss, ce, model.grad_flat.copy(),
                         model.forward(idx, spheres=5, threads=threads)))
     for loss, ce, grad, logits in results[1:]:
         assert (loss, ce) == results[0][:2]
@@ -268,11 +267,11 @@ def test_bitwise_identical_for_every_thread_count_with_every_switch(rng):
 def test_crystalline_training_reports_plain_cross_entropy(rng):
     model = crystalline_model(dict(loss="crystalline", crystalline_alpha=0.5))
     idx, targets = rng.integers(0, 40, (4, 24)), rng.integers(0, 40, (4, 24))
-    loss, _ = model.loss_and_grads(idx, targets)
+    (loss, train_ce), _ = model.loss_and_grads(idx, targets)
     ce = ref.cross_entropy_forward(model.forward(idx).astype(np.float64), targets)[0]
-    assert abs(model.last_ce - ce) < 1e-5 * ce and abs(loss - ce) > 1e-3
+    assert abs(train_ce - ce) < 1e-5 * ce and abs(loss - ce) > 1e-3
     assert abs(model.cross_entropy(idx, targets) - ce) < 1e-5 * ce
-    assert model.loss(idx, targets) == loss
+    assert model.loss(idx, targets) == (loss, train_ce)
 
 
 # ---- generation ----------------------------------------------------------------------------
@@ -281,7 +280,7 @@ def test_crystalline_training_reports_plain_cross_entropy(rng):
 def test_each_decoder_step_equals_a_full_forward(switch):
     model = crystalline_model(SWITCHES.get(switch, GPT2_SWITCHES), n_ctx=20)
     ids = np.random.default_rng(1).integers(0, 40, 20)
-    decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, 1)
+    decoder = model.core.decoder(1)
     full = model.forward(ids[None, :])[0]
     for pos, token in enumerate(ids):
         step = decoder.step(int(token), pos)

@@ -23,7 +23,7 @@ def random_model(tied=True, n_ctx=16, seed=0, vocab_size=40):
 def test_each_decoder_step_equals_a_full_forward(tied, threads):
     model = random_model(tied)
     ids = np.random.default_rng(1).integers(0, 40, 16)
-    decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
+    decoder = model.core.decoder(threads)
     full = model.forward(ids[None, :])[0]
     for pos, token in enumerate(ids):
         step = decoder.step(int(token), pos)
@@ -128,7 +128,7 @@ def test_decoder_is_bitwise_identical_for_every_thread_count():
     ids = np.random.default_rng(4).integers(0, 40, 16)
     runs = []
     for threads in (1, 2, 3, 4):
-        decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
+        decoder = model.core.decoder(threads)
         runs.append(np.stack([decoder.step(int(t), pos).copy() for pos, t in enumerate(ids)]))
     for run in runs[1:]:
         assert np.array_equal(run, runs[0])

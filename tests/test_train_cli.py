@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,9 +89,9 @@ def test_learning_rate_schedule():
     assert lrs[-1] == pytest.approx(1e-4)
 
 
-def _assert_same_run(a, b, from_step=0):
+def _assert_same_run(a, b, from_step=0, steps=STEPS):
     """Same final parameters, same optimizer state at the last checkpoint, same metrics."""
-    for name in ("final_model.cllm", f"checkpoint_step_{STEPS}.cllm"):
+    for name in ("final_model.cllm", f"checkpoint_step_{steps}.cllm"):
         fa, fb = safetensors.numpy.load_file(a / name), safetensors.numpy.load_file(b / name)
         assert fa.keys() == fb.keys()
         for key in fa:
@@ -315,3 +316,31 @@ def test_crystalline_switches_from_the_command_line(corpus, tmp_path, capsys):
 def test_odd_head_width_with_angular_positions(corpus, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "-d", corpus, "-c", tmp_path, "-e", 6, "-H", 2)
     assert "must be even" in assert_clean_error(code, err, 1)
+
+
+# ---- checkpoints written by earlier versions ---------------------------------------------
+
+V0_1_RUN = Path(__file__).parent / "fixtures" / "v0_1_run"
+# The command that wrote fixtures/v0_1_run/checkpoint_step_3.cllm with cllm 0.1.0 (before
+# TrainConfig: its checkpoints saved the command line's arguments) on notes.txt.
+V0_1_ARGS = ["--tokenizer", "char", "-e", "16", "-l", "1", "-H", "2", "-s", "16", "-b", "4",
+             "--max-steps", "6", "--checkpoint-every", "3", "--eval-every", "3",
+             "--eval-batches", "2", "--warmup", "2", "-r", "1e-2", "--seed", "5"]
+
+
+def test_checkpoint_of_version_0_1_resumes_bitwise_exact(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(V0_1_RUN / "notes.txt", corpus)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(V0_1_RUN / "checkpoint_step_3.cllm", resumed)
+    assert "args" in load_cllm(resumed / "checkpoint_step_3.cllm").training
+    code, out, err = run_cli(capsys, "train", "-d", corpus, "-c", resumed, "-t", 2, "--resume")
+    assert code == 0, err
+    assert "at step 3" in out
+    uninterrupted = tmp_path / "uninterrupted"
+    code, _, err = run_cli(capsys, "train", "-d", corpus, "-c", uninterrupted, *V0_1_ARGS)
+    assert code == 0, err
+    # the resumed run has no metrics of steps 1 to 3: compare what both did from there on
+    _assert_same_run(uninterrupted, resumed, from_step=3, steps=6)

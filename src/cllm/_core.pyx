@@ -12,10 +12,16 @@ The crystalline switches (CRYSTALLINE.md sections 3 to 5) are branches at the ca
 their own layer functions: angular rotation of q and k, Ulam sparse attention, the crystalline
 loss. Off, they cost one test per layer.
 
+The owner of the model's state is the Transformer class: built once from a ModelConfig and
+the flat parameter buffer, it holds everything a forward, backward, optimizer step or decoder
+needs, with typed fields, and its methods are those operations.
+
 Determinism: a sphere's work is done entirely by one thread with single-threaded BLAS, into
 buffers of that sphere, so its result does not depend on which thread ran it or how many
-threads there are; the reduction adds sphere buffers in the fixed order 0..S-1.
+threads there are; the gradient adds the sphere gradients in the fixed order 0..S-1.
 """
+import math
+
 import numpy as np
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
@@ -42,10 +48,15 @@ cdef extern from "vecmath.h" nogil:
                           float beta1, float beta2, float eps, float decay, float grad_scale,
                           float bc1, float bc2)
 
-# Per-layer tensor offsets into the flat buffer, in config.LAYER_TENSORS order.
+# Per-layer tensors, indices into a row of the owner's layer-offset table; LAYER_TENSOR_NAMES
+# gives their names in the same order, and the table is built (and checked) from those names.
 cdef enum:
     LN1_W, LN1_B, QKV_W, QKV_B, PROJ_W, PROJ_B, LN2_W, LN2_B, FC_W, FC_B, FCPROJ_W, FCPROJ_B
     N_LAYER_TENSORS
+
+LAYER_TENSOR_NAMES = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias",
+                      "attn.c_proj.weight", "attn.c_proj.bias", "ln_2.weight", "ln_2.bias",
+                      "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias")
 
 # What a sphere step computes.
 cpdef enum Mode:
@@ -68,34 +79,6 @@ cdef struct Dims:
     float alpha                 # its weight
     const float *q_rows         # (U, V) q_y of the distinct targets of the batch being run
     const int32_t *q_row_of     # (V) row of target y in q_rows (-1: not a target)
-
-
-cdef int dims_from_dict(Dims *d, dict dims, const Py_ssize_t[:, ::1] layer_offsets) except -1:
-    """Fill d from Model._dims; the arrays it points into stay owned by that dict."""
-    cdef const float[:, ::1] table
-    cdef const int32_t[::1] index
-    d.V, d.C, d.F, d.L, d.H = dims["V"], dims["C"], dims["F"], dims["L"], dims["H"]
-    d.n_ctx, d.tied = dims["n_ctx"], dims["tied"]
-    d.wte, d.wpe, d.lnf_w, d.lnf_b = dims["wte"], dims["wpe"], dims["lnf_w"], dims["lnf_b"]
-    d.head = dims["head"]
-    d.layer = &layer_offsets[0, 0]
-    d.angular, d.ulam, d.crystalline = dims["angular"], dims["ulam"], dims["crystalline"]
-    d.alpha = dims["alpha"]
-    d.rot_cos = d.rot_sin = NULL
-    d.ulam_start = d.ulam_keys = NULL
-    d.q_rows = NULL
-    d.q_row_of = NULL
-    if d.angular:
-        table = dims["rot_cos"]
-        d.rot_cos = &table[0, 0]
-        table = dims["rot_sin"]
-        d.rot_sin = &table[0, 0]
-    if d.ulam:
-        index = dims["ulam_start"]
-        d.ulam_start = &index[0]
-        index = dims["ulam_keys"]
-        d.ulam_keys = &index[0]
-    return 0
 
 
 cdef struct Acts:
@@ -519,11 +502,11 @@ cdef double crossentropy_forward_backward(float *logits, double *ce, const int64
     return total
 
 
-def crystalline_targets(const int64_t[:, ::1] targets, dict dims, int threads):
+def crystalline_targets(const int64_t[:, ::1] targets, const int32_t[:, ::1] ulam_xy,
+                        int threads):
     """(q_rows (U, V) float32, q_row_of (V) int32): q_y of each distinct target y of a batch,
-    rows computed in parallel, each by one thread."""
-    cdef int V = dims["V"], i
-    cdef const int32_t[:, ::1] ulam_xy = dims["ulam_xy"]
+    rows computed in parallel, each by one thread; ulam_xy (V, 2) the points u(1) .. u(V)."""
+    cdef int V = ulam_xy.shape[0], i
     cdef const int32_t[::1] ys = np.unique(np.asarray(targets)[np.asarray(targets) >= 0]
                                            ).astype(np.int32)
     cdef int U = ys.shape[0]
@@ -647,165 +630,316 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
 # workspaces
 
 cdef class Workspace:
-    """Activation buffers of one OS thread for sphere blocks of up to nb sequences of length T."""
-    cdef readonly int nb, T
-    cdef readonly bint backward
+    """Activation buffers of one OS thread for sphere blocks of up to nb sequences of length T;
+    with `backward`, the gradient scratch too. Made by new_workspace."""
+    cdef int nb, T
+    cdef bint backward
     cdef object buffer
     cdef Acts acts
 
-    def __init__(self, dims, int nb, int T, bint backward):
-        cdef Py_ssize_t V = dims["V"], C = dims["C"], F = dims["F"], L = dims["L"], H = dims["H"]
-        cdef Py_ssize_t N = nb * T
-        cdef float[::1] buf
-        cdef float *p0
-        cdef Acts *a = &self.acts
-        self.nb, self.T, self.backward = nb, T, backward
-        # attention probabilities per (sequence, head) and the backward scratch of their
-        # gradient: all (T, T) pairs, or for Ulam the allowed pairs and those of one query
-        pairs, pair_scratch = T * T, T * T
-        if dims["ulam"]:
-            start = np.asarray(dims["ulam_start"][:T + 1], dtype=np.int64)
-            pairs, pair_scratch = int(start[T]), int(np.diff(start).max())
-        sizes = dict(x0=N * C, ln1=L * N * C, ln1_mean=L * N, ln1_rstd=L * N,
-                     qkv=L * N * 3 * C, att=L * nb * H * pairs, atty=L * N * C,
-                     res2=L * N * C, ln2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N,
-                     fch=L * N * F, fch_gelu=L * N * F, res3=L * N * C, lnf=N * C,
-                     lnf_mean=N, lnf_rstd=N, logits=N * V, dres=N * C, dln=N * C,
-                     datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
-        if not backward:
-            sizes = {name: 0 if name.startswith("d") else n for name, n in sizes.items()}
-        # every buffer starts on a 64-byte boundary (16 floats)
-        self.buffer = np.zeros(sum(-(-n // 16) * 16 for n in sizes.values()) + 16, np.float32)
-        buf = self.buffer
-        p0 = &buf[0]
-        p0 += (16 - (<size_t>p0 // 4) % 16) % 16
-        offset = {}
-        pos = 0
-        for name, n in sizes.items():
-            offset[name] = pos
-            pos += -(-n // 16) * 16
-        a.x0 = p0 + <Py_ssize_t>offset["x0"]
-        a.ln1 = p0 + <Py_ssize_t>offset["ln1"]
-        a.ln1_mean = p0 + <Py_ssize_t>offset["ln1_mean"]
-        a.ln1_rstd = p0 + <Py_ssize_t>offset["ln1_rstd"]
-        a.qkv = p0 + <Py_ssize_t>offset["qkv"]
-        a.att = p0 + <Py_ssize_t>offset["att"]
-        a.atty = p0 + <Py_ssize_t>offset["atty"]
-        a.res2 = p0 + <Py_ssize_t>offset["res2"]
-        a.ln2 = p0 + <Py_ssize_t>offset["ln2"]
-        a.ln2_mean = p0 + <Py_ssize_t>offset["ln2_mean"]
-        a.ln2_rstd = p0 + <Py_ssize_t>offset["ln2_rstd"]
-        a.fch = p0 + <Py_ssize_t>offset["fch"]
-        a.fch_gelu = p0 + <Py_ssize_t>offset["fch_gelu"]
-        a.res3 = p0 + <Py_ssize_t>offset["res3"]
-        a.lnf = p0 + <Py_ssize_t>offset["lnf"]
-        a.lnf_mean = p0 + <Py_ssize_t>offset["lnf_mean"]
-        a.lnf_rstd = p0 + <Py_ssize_t>offset["lnf_rstd"]
-        a.logits = p0 + <Py_ssize_t>offset["logits"]
-        a.dres = p0 + <Py_ssize_t>offset["dres"]
-        a.dln = p0 + <Py_ssize_t>offset["dln"]
-        a.datty = p0 + <Py_ssize_t>offset["datty"]
-        a.dqkv = p0 + <Py_ssize_t>offset["dqkv"]
-        a.dfch = p0 + <Py_ssize_t>offset["dfch"]
-        a.datt = p0 + <Py_ssize_t>offset["datt"]
 
-    @property
-    def nbytes(self):
-        return self.buffer.nbytes
+cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
+    cdef Py_ssize_t V = d.V, C = d.C, F = d.F, L = d.L, H = d.H
+    cdef Py_ssize_t N = <Py_ssize_t>nb * T
+    cdef Workspace ws = Workspace.__new__(Workspace)
+    cdef float[::1] buf
+    cdef float *p0
+    cdef Acts *a = &ws.acts
+    ws.nb, ws.T, ws.backward = nb, T, backward
+    # attention probabilities per (sequence, head) and the backward scratch of their gradient:
+    # all (T, T) pairs, or for Ulam the allowed pairs and those of one query
+    cdef Py_ssize_t pairs = T * T, pair_scratch = T * T, t
+    if d.ulam:
+        pairs, pair_scratch = d.ulam_start[T], 0
+        for t in range(T):
+            pair_scratch = max(pair_scratch, d.ulam_start[t + 1] - d.ulam_start[t])
+    sizes = dict(x0=N * C, ln1=L * N * C, ln1_mean=L * N, ln1_rstd=L * N,
+                 qkv=L * N * 3 * C, att=L * nb * H * pairs, atty=L * N * C,
+                 res2=L * N * C, ln2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N,
+                 fch=L * N * F, fch_gelu=L * N * F, res3=L * N * C, lnf=N * C,
+                 lnf_mean=N, lnf_rstd=N, logits=N * V, dres=N * C, dln=N * C,
+                 datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
+    if not backward:
+        sizes = {name: 0 if name.startswith("d") else n for name, n in sizes.items()}
+    # every buffer starts on a 64-byte boundary (16 floats)
+    ws.buffer = np.zeros(sum(-(-n // 16) * 16 for n in sizes.values()) + 16, np.float32)
+    buf = ws.buffer
+    p0 = &buf[0]
+    p0 += (16 - (<size_t>p0 // 4) % 16) % 16
+    offset = {}
+    pos = 0
+    for name, n in sizes.items():
+        offset[name] = pos
+        pos += -(-n // 16) * 16
+    a.x0 = p0 + <Py_ssize_t>offset["x0"]
+    a.ln1 = p0 + <Py_ssize_t>offset["ln1"]
+    a.ln1_mean = p0 + <Py_ssize_t>offset["ln1_mean"]
+    a.ln1_rstd = p0 + <Py_ssize_t>offset["ln1_rstd"]
+    a.qkv = p0 + <Py_ssize_t>offset["qkv"]
+    a.att = p0 + <Py_ssize_t>offset["att"]
+    a.atty = p0 + <Py_ssize_t>offset["atty"]
+    a.res2 = p0 + <Py_ssize_t>offset["res2"]
+    a.ln2 = p0 + <Py_ssize_t>offset["ln2"]
+    a.ln2_mean = p0 + <Py_ssize_t>offset["ln2_mean"]
+    a.ln2_rstd = p0 + <Py_ssize_t>offset["ln2_rstd"]
+    a.fch = p0 + <Py_ssize_t>offset["fch"]
+    a.fch_gelu = p0 + <Py_ssize_t>offset["fch_gelu"]
+    a.res3 = p0 + <Py_ssize_t>offset["res3"]
+    a.lnf = p0 + <Py_ssize_t>offset["lnf"]
+    a.lnf_mean = p0 + <Py_ssize_t>offset["lnf_mean"]
+    a.lnf_rstd = p0 + <Py_ssize_t>offset["lnf_rstd"]
+    a.logits = p0 + <Py_ssize_t>offset["logits"]
+    a.dres = p0 + <Py_ssize_t>offset["dres"]
+    a.dln = p0 + <Py_ssize_t>offset["dln"]
+    a.datty = p0 + <Py_ssize_t>offset["datty"]
+    a.dqkv = p0 + <Py_ssize_t>offset["dqkv"]
+    a.dfch = p0 + <Py_ssize_t>offset["dfch"]
+    a.datt = p0 + <Py_ssize_t>offset["datt"]
+    return ws
 
 
 # ----------------------------------------------------------------------------------------------
-# the sphere step
+# the owner of the model's state
 
-def run_spheres(dict dims, const Py_ssize_t[:, ::1] layer_offsets, const float[::1] params,
-                float[:, ::1] sphere_grads, list workspaces, const int64_t[:, ::1] idx,
-                const int64_t[:, ::1] targets, float[:, :, ::1] logits_out, int spheres,
-                int threads, int mode, long n_targets):
-    """Run every sphere of a batch; return per sphere the sum of the training loss and the sum
-    of the plain cross-entropy (float64, (S, 2)); the two agree unless loss="crystalline".
+# Most OS threads one call runs on (the size of the per-thread workspace table).
+cdef enum:
+    MAX_THREADS = 1024
+    CACHED_SHAPES = 4     # workspace sets kept: a run uses a few batch shapes (train, eval, last)
 
-    Sequence b belongs to sphere b % S. MODE_GRADS leaves the reduced gradient in
-    sphere_grads[0] (see reduce_spheres) and needs one row of sphere_grads per active sphere.
-    The caller limits BLAS to one thread for the duration of this call."""
+# Elements per unit of parallel optimizer work (norm, AdamW): fixed, so that sums and the split
+# of the work never depend on the thread count.
+cdef enum:
+    CHUNK = 65536
+
+
+cdef class Transformer:
+    """A GPT-2 with the crystalline switches, as the core runs it: built once from a ModelConfig
+    and the flat float32 parameter buffer, it holds the dimensions, the crystalline tables, the
+    layer-offset table, the thread workspaces and the gradient buffers, and its methods are the
+    model's operations.
+
+    Spheres (CRYSTALLINE.md section 1): sequence b of a batch belongs to sphere b mod S; a sphere
+    is run start to end by one thread with single-threaded BLAS, so its result does not depend
+    on the thread. The gradient is the left-to-right sum over spheres 0..S-1 of the sphere
+    gradients. They are computed in waves of one sphere per thread, each into the buffer of its
+    place in the wave (sphere 0 straight into the result), and every wave is added to the
+    result in sphere order before the next starts: memory for one gradient per thread plus the
+    result, whatever S, and the same sums, bit for bit, for every thread count."""
     cdef Dims d
-    dims_from_dict(&d, dims, layer_offsets)
-    cdef const float[:, ::1] q_rows
-    cdef const int32_t[::1] q_row_of
-    if d.crystalline and mode != MODE_LOGITS:
-        q_rows, q_row_of = crystalline_targets(targets, dims, threads)
-        d.q_rows = &q_rows[0, 0]
-        d.q_row_of = &q_row_of[0]
-    cdef int B = idx.shape[0], T = idx.shape[1]
-    cdef int active = min(spheres, B)
-    cdef int nbmax = (B + spheres - 1) // spheres
-    cdef int s, j, nb, tid
-    cdef Workspace ws
-    cdef Acts *acts_of_thread[1024]
-    if threads > 1024:
-        threads = 1024
-    for j in range(threads):
-        ws = workspaces[j]
-        if ws.nb < nbmax or ws.T != T or (mode == MODE_GRADS and not ws.backward):
-            raise ValueError("workspace does not fit the batch")
-        acts_of_thread[j] = &ws.acts
-    cdef double[:, ::1] losses = np.zeros((spheres, 2), dtype=np.float64)
-    # a sphere's sequences are gathered contiguously: (S, nbmax, T) blocks
-    cdef int64_t[:, ::1] sphere_idx = np.empty((spheres, nbmax * T), dtype=np.int64)
-    cdef int64_t[:, ::1] sphere_tgt = np.empty((spheres, nbmax * T), dtype=np.int64)
-    cdef int[::1] sphere_nb = np.zeros(spheres, dtype=np.int32)
-    cdef int b
-    for b in range(B):
-        s = b % spheres
-        j = b // spheres
-        sphere_idx[s, j * T:(j + 1) * T] = idx[b]
+    cdef readonly object config
+    cdef readonly object params                 # (P) float32 flat buffer (read-only if mapped)
+    cdef const float *p
+    cdef Py_ssize_t P
+    cdef Py_ssize_t[:, ::1] layer_offsets       # (L, N_LAYER_TENSORS)
+    cdef float[:, ::1] rot_cos, rot_sin         # (n_ctx, C/2)
+    cdef int32_t[::1] ulam_start, ulam_keys
+    cdef int32_t[:, ::1] ulam_xy                # (V, 2)
+    cdef Py_ssize_t[:, ::1] adamw_ranges        # (R, 3) start, stop, decay flag
+    cdef float[::1] grad_buf                    # (P) the reduced gradient
+    cdef float[:, ::1] wave_grads               # (threads, P) sphere gradients of one wave
+    cdef list workspace_sets                    # [(nb, T, backward, [Workspace per thread])]
+
+    def __init__(self, config, params):
+        from .crystal import angular_tables, ulam_neighbours, ulam_points
+        layout, size = config.layout()
+        params = np.asarray(params)
+        if params.dtype != np.float32 or params.shape != (size,) \
+                or not params.flags.c_contiguous:
+            raise ValueError(f"the flat parameter buffer must be contiguous float32 of shape "
+                             f"({size},), got {params.dtype} {params.shape}")
+        cdef const float[::1] view = params
+        cdef Dims *d = &self.d
+        self.config, self.params, self.p, self.P = config, params, &view[0], size
+        d.V, d.C, d.F, d.L, d.H = (config.vocab_size, config.n_embd, config.n_inner,
+                                   config.n_layer, config.n_head)
+        d.n_ctx, d.tied = config.n_ctx, config.tie_embeddings
+        offset = {name: off for name, (off, _) in layout.items()}
+        d.wte, d.lnf_w, d.lnf_b = offset["wte"], offset["ln_f.weight"], offset["ln_f.bias"]
+        d.wpe = offset.get("wpe", -1)
+        d.head = offset["wte" if config.tie_embeddings else "lm_head.weight"]
+        layer_names = {name for name in layout if name.startswith("h.")}
+        table = [[offset.get(f"h.{l}.{t}", -1) for t in LAYER_TENSOR_NAMES]
+                 for l in range(config.n_layer)]
+        if sum(map(len, table)) != len(layer_names) or -1 in np.ravel(table):
+            raise ValueError(f"the layer tensors of the configuration do not match the core's "
+                             f"LAYER_TENSOR_NAMES {LAYER_TENSOR_NAMES}")
+        self.layer_offsets = np.array(table, dtype=np.intp).reshape(config.n_layer,
+                                                                     N_LAYER_TENSORS)
+        d.layer = &self.layer_offsets[0, 0]
+        d.angular = config.position == "angular"
+        d.ulam = config.attention == "ulam"
+        d.crystalline = config.loss == "crystalline"
+        d.alpha = config.crystalline_alpha
+        d.rot_cos = d.rot_sin = NULL
+        d.ulam_start = d.ulam_keys = NULL
+        d.q_rows, d.q_row_of = NULL, NULL
+        if d.angular:
+            cos, sin = angular_tables(config.n_ctx, config.n_head, config.head_dim)
+            self.rot_cos = cos.reshape(config.n_ctx, d.C // 2).astype(np.float32)
+            self.rot_sin = sin.reshape(config.n_ctx, d.C // 2).astype(np.float32)
+            d.rot_cos, d.rot_sin = &self.rot_cos[0, 0], &self.rot_sin[0, 0]
+        if d.ulam:
+            self.ulam_start, self.ulam_keys = ulam_neighbours(config.n_ctx, config.ulam_radius)
+            d.ulam_start, d.ulam_keys = &self.ulam_start[0], &self.ulam_keys[0]
+        if d.crystalline:
+            self.ulam_xy = ulam_points(config.vocab_size)
+        # AdamW work units: CHUNK-long pieces of each tensor, decayed where it is 2-D
+        rows = [(start, min(start + CHUNK, off + math.prod(shape)), int(len(shape) >= 2))
+                for name, (off, shape) in layout.items()
+                for start in range(off, off + math.prod(shape), CHUNK)]
+        self.adamw_ranges = np.array(rows, dtype=np.intp).reshape(-1, 3)
+        self.grad_buf = np.zeros(size, np.float32)
+        self.wave_grads = np.zeros((0, size), np.float32)
+        self.workspace_sets = []
+
+    @property
+    def grad(self):
+        """(P) the gradient of the last loss_and_grads, overwritten by the next."""
+        return np.asarray(self.grad_buf)
+
+    cdef list workspaces(self, int nb, int T, int threads, bint backward):
+        """`threads` workspaces for sphere blocks of nb sequences of length T: a cached set
+        that fits (a backward set serves forward passes too), else a new one."""
+        cdef Workspace ws
+        for entry in self.workspace_sets:
+            if entry[0] >= nb and entry[1] == T and (entry[2] or not backward) \
+                    and len(entry[3]) >= threads:
+                return entry[3]
+        if len(self.workspace_sets) >= CACHED_SHAPES:
+            self.workspace_sets.pop(0)
+        spaces = [new_workspace(&self.d, nb, T, backward) for _ in range(threads)]
+        self.workspace_sets.append((nb, T, backward, spaces))
+        return spaces
+
+    cdef tuple run(self, const int64_t[:, ::1] idx, const int64_t[:, ::1] targets,
+                   float[:, :, ::1] logits_out, int spheres, int threads, int mode):
+        """Every sphere of a batch: (mean training loss, mean plain cross-entropy) over the
+        targets that are not -1 (both 0 in MODE_LOGITS). MODE_GRADS leaves the gradient in
+        grad_buf; MODE_LOGITS writes logits_out (B, T, V)."""
+        from .threads import blas_single_threaded
+        cdef Dims d = self.d          # a copy: this batch's crystalline rows go into it
+        cdef int B = idx.shape[0], T = idx.shape[1]
+        cdef int active = min(spheres, B)
+        cdef int nbmax = (B + spheres - 1) // spheres
+        cdef int s, j, r, b, k, w0, seg, nseg, tid
+        cdef Py_ssize_t n_targets = 0, lo, hi, n
+        threads = max(1, min(threads, active, MAX_THREADS))
         if mode != MODE_LOGITS:
-            sphere_tgt[s, j * T:(j + 1) * T] = targets[b]
-        sphere_nb[s] += 1
-    # logits come out per sphere in (S, nbmax*T, V) then go back to batch order
-    cdef float[:, :, ::1] sphere_logits
-    if mode == MODE_LOGITS:
-        sphere_logits = np.empty((active, nbmax * T, d.V), dtype=np.float32)
-    else:
-        sphere_logits = np.empty((1, 1, 1), dtype=np.float32)
-    cdef float dscale = (1.0 / n_targets) if n_targets > 0 else 0.0
-    cdef const float *p = &params[0]
-    for s in prange(active, nogil=True, num_threads=threads, schedule="dynamic", chunksize=1):
-        tid = threadid()
-        losses[s, 0] = sphere_step(
-            &d, p, &sphere_grads[s, 0] if mode == MODE_GRADS else NULL,
-            acts_of_thread[tid], &sphere_idx[s, 0], &sphere_tgt[s, 0],
-            &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
-            sphere_nb[s], T, mode, dscale, &losses[s, 1])
-    if mode == MODE_LOGITS:
+            for b in range(B):
+                for j in range(T):
+                    n_targets += targets[b, j] >= 0
+            if n_targets == 0:
+                raise ValueError("targets has no token to predict: every entry is -1")
+        cdef const float[:, ::1] q_rows
+        cdef const int32_t[::1] q_row_of
+        if d.crystalline and mode != MODE_LOGITS:
+            q_rows, q_row_of = crystalline_targets(targets, self.ulam_xy, threads)
+            d.q_rows, d.q_row_of = &q_rows[0, 0], &q_row_of[0]
+        cdef Workspace ws
+        cdef Acts *acts_of_thread[MAX_THREADS]
+        spaces = self.workspaces(nbmax, T, threads, mode == MODE_GRADS)
+        for j in range(threads):
+            ws = spaces[j]
+            acts_of_thread[j] = &ws.acts
+        if mode == MODE_GRADS and self.wave_grads.shape[0] < threads:
+            self.wave_grads = None     # drop the smaller set before allocating the larger
+            self.wave_grads = np.empty((threads, self.P), np.float32)
+        cdef double[:, ::1] losses = np.zeros((spheres, 2), dtype=np.float64)
+        # a sphere's sequences are gathered contiguously: (S, nbmax, T) blocks
+        cdef int64_t[:, ::1] sphere_idx = np.empty((spheres, nbmax * T), dtype=np.int64)
+        cdef int64_t[:, ::1] sphere_tgt = np.empty((spheres, nbmax * T), dtype=np.int64)
+        cdef int[::1] sphere_nb = np.zeros(spheres, dtype=np.int32)
         for b in range(B):
             s = b % spheres
             j = b // spheres
-            logits_out[b] = sphere_logits[s, j * T:(j + 1) * T]
-    return np.asarray(losses)
+            sphere_idx[s, j * T:(j + 1) * T] = idx[b]
+            if mode != MODE_LOGITS:
+                sphere_tgt[s, j * T:(j + 1) * T] = targets[b]
+            sphere_nb[s] += 1
+        # logits come out per sphere in (S, nbmax*T, V) then go back to batch order
+        cdef float[:, :, ::1] sphere_logits = np.empty((1, 1, 1), dtype=np.float32)
+        if mode == MODE_LOGITS:
+            sphere_logits = np.empty((active, nbmax * T, d.V), dtype=np.float32)
+        cdef float dscale = (1.0 / n_targets) if n_targets > 0 else 0.0
+        cdef float *result = &self.grad_buf[0]
+        cdef float *grads
+        with blas_single_threaded():
+            if mode != MODE_GRADS:
+                for s in prange(active, nogil=True, num_threads=threads, schedule="dynamic",
+                                chunksize=1):
+                    tid = threadid()
+                    losses[s, 0] = sphere_step(
+                        &d, self.p, NULL, acts_of_thread[tid], &sphere_idx[s, 0],
+                        &sphere_tgt[s, 0],
+                        &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
+                        sphere_nb[s], T, mode, dscale, &losses[s, 1])
+            else:
+                nseg = threads
+                for w0 in range(0, active, threads):
+                    k = min(threads, active - w0)
+                    for j in prange(k, nogil=True, num_threads=k, schedule="static",
+                                    chunksize=1):
+                        s = w0 + j
+                        grads = result if s == 0 else &self.wave_grads[j, 0]
+                        losses[s, 0] = sphere_step(
+                            &d, self.p, grads, acts_of_thread[threadid()], &sphere_idx[s, 0],
+                            &sphere_tgt[s, 0], NULL, sphere_nb[s], T, mode, dscale,
+                            &losses[s, 1])
+                    # result += the wave's spheres, in sphere order, segment by segment
+                    for seg in prange(nseg, nogil=True, num_threads=nseg, schedule="static"):
+                        lo = self.P * seg // nseg
+                        hi = self.P * (seg + 1) // nseg
+                        for r in range(1 if w0 == 0 else 0, k):
+                            cllm_row_add(result + lo, &self.wave_grads[r, lo], hi - lo)
+        if mode == MODE_LOGITS:
+            for b in range(B):
+                s = b % spheres
+                j = b // spheres
+                logits_out[b] = sphere_logits[s, j * T:(j + 1) * T]
+            return 0.0, 0.0
+        # the sphere sums added in sphere order, over the number of target tokens
+        cdef double total = 0.0, ce = 0.0
+        for s in range(active):
+            total += losses[s, 0]
+            ce += losses[s, 1]
+        return total / n_targets, ce / n_targets
 
+    def forward(self, const int64_t[:, ::1] idx, float[:, :, ::1] logits, int spheres,
+                int threads):
+        """logits (B, T, V) <- the logits of token ids idx (B, T)."""
+        self.run(idx, idx, logits, spheres, threads, MODE_LOGITS)
 
-def reduce_spheres(float[:, ::1] sphere_grads, int active, int threads):
-    """sphere_grads[0] <- sum over r = 0..active-1 of sphere_grads[r], in that order.
+    def loss(self, const int64_t[:, ::1] idx, const int64_t[:, ::1] targets, int spheres,
+             int threads):
+        """(mean training loss, mean plain cross-entropy) over the targets that are not -1;
+        the two agree unless loss="crystalline"."""
+        return self.run(idx, targets, None, spheres, threads, MODE_LOSS)
 
-    The flat vector is cut into `active` near-equal contiguous segments reduced in parallel;
-    each thread writes only its own segments: no locks, no atomics."""
-    cdef Py_ssize_t P = sphere_grads.shape[1]
-    cdef int nseg = active, s, r
-    cdef Py_ssize_t lo, hi
-    for s in prange(nseg, nogil=True, num_threads=threads, schedule="static"):
-        lo = P * s // nseg
-        hi = P * (s + 1) // nseg
-        for r in range(1, active):
-            cllm_row_add(&sphere_grads[0, lo], &sphere_grads[r, lo], hi - lo)
+    def loss_and_grads(self, const int64_t[:, ::1] idx, const int64_t[:, ::1] targets,
+                       int spheres, int threads):
+        """As loss, and the training loss's gradient left in `grad`."""
+        return self.run(idx, targets, None, spheres, threads, MODE_GRADS)
+
+    def grad_norm(self, int threads):
+        """Global L2 norm of `grad`."""
+        return grad_norm(self.grad_buf, threads)
+
+    def adamw_step(self, const float[::1] grads, float[::1] m, float[::1] v, float lr,
+                   float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                   int step, int threads):
+        """One AdamW step (number `step`, from 1) of the parameters with the gradient `grads`
+        (P) times grad_scale (< 1 clips), weight decay on the 2-D tensors; m, v (P) are the
+        moments."""
+        adamw_update(self.params, grads, m, v, self.adamw_ranges, lr, beta1, beta2, eps,
+                     weight_decay, grad_scale, step, threads)
+
+    def decoder(self, int threads):
+        """A fresh generation state (key/value cache) over these parameters."""
+        return Decoder(self, threads)
 
 
 # ----------------------------------------------------------------------------------------------
 # optimizer
-
-# Elements per unit of parallel optimizer work; fixed, so that sums do not depend on threads.
-cdef enum:
-    CHUNK = 65536
-
 
 def grad_norm(const float[::1] grads, int threads):
     """Global L2 norm, summed in float64 over fixed chunks and then in chunk order."""
@@ -822,9 +956,10 @@ def grad_norm(const float[::1] grads, int threads):
     return sqrt(total)
 
 
-def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
-               const Py_ssize_t[:, ::1] ranges, float lr, float beta1, float beta2, float eps,
-               float weight_decay, float grad_scale, int step, int threads):
+cdef void adamw_update(float[::1] params, const float[::1] grads, float[::1] m, float[::1] v,
+                       const Py_ssize_t[:, ::1] ranges, float lr, float beta1, float beta2,
+                       float eps, float weight_decay, float grad_scale, int step,
+                       int threads) except *:
     """One AdamW step over the flat buffer, fused: gradient scaling (clipping), moment updates,
     bias correction, decoupled weight decay on the ranges whose flag is 1.
 
@@ -832,6 +967,8 @@ def adamw_step(float[::1] params, const float[::1] grads, float[::1] m, float[::
     CHUNK long so that threads share the work evenly."""
     cdef Py_ssize_t R = ranges.shape[0], i
     cdef float bc1 = 1.0 - beta1 ** step, bc2 = 1.0 - beta2 ** step
+    if not (grads.shape[0] == m.shape[0] == v.shape[0] == params.shape[0]):
+        raise ValueError("AdamW: gradient and moments must have the parameters' length")
     for i in prange(R, nogil=True, num_threads=threads, schedule="static"):
         cllm_adamw_range(&params[ranges[i, 0]], &grads[ranges[i, 0]], &m[ranges[i, 0]],
                          &v[ranges[i, 0]], ranges[i, 1] - ranges[i, 0], lr, beta1, beta2, eps,
@@ -971,8 +1108,7 @@ def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
     cdef const float[:, ::1] q_rows
     cdef const int32_t[::1] q_row_of
     cdef double ce = 0.0
-    q_rows, q_row_of = crystalline_targets(np.asarray(targets)[None, :],
-                                           dict(V=work.shape[1], ulam_xy=ulam_xy), 1)
+    q_rows, q_row_of = crystalline_targets(np.asarray(targets)[None, :], ulam_xy, 1)
     cdef double loss = crossentropy_forward_backward(
         &work[0, 0], &ce, &targets[0], work.shape[0], work.shape[1], &q_rows[0, 0],
         &q_row_of[0], alpha, dscale, True)
@@ -996,7 +1132,7 @@ cdef class Decoder:
     The head is kept transposed, (C, V), so that its product streams whole rows like every
     other layer's (see cllm_matvec_accumulate)."""
     cdef Dims d
-    cdef object layer_offsets_ref, dims_ref
+    cdef Transformer net                      # keeps the parameters and d's tables alive
     cdef const float[::1] params
     cdef float[:, ::1] head_t                 # (C, V)
     cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
@@ -1005,13 +1141,11 @@ cdef class Decoder:
     cdef float[:, ::1] scores                 # (H, n_ctx)
     cdef int threads
 
-    def __init__(self, dict dims, const Py_ssize_t[:, ::1] layer_offsets,
-                 const float[::1] params, int threads):
+    def __init__(self, Transformer net, int threads):
         cdef Dims *d = &self.d
-        dims_from_dict(d, dims, layer_offsets)
-        self.layer_offsets_ref = layer_offsets   # keep d's arrays alive
-        self.dims_ref = dims
-        self.params = params
+        self.d = net.d
+        self.net = net
+        self.params = params = net.params
         self.threads = threads
         head = np.asarray(params)[d.head:d.head + d.V * d.C].reshape(d.V, d.C)
         self.head_t = np.ascontiguousarray(head.T)
@@ -1072,7 +1206,7 @@ cdef class Decoder:
         """Logits (V) of the next token after `token` at position `pos`, the cache holding
         positions 0..pos-1. The returned array is reused by the next step."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, V = d.V, l, t
+        cdef int C = d.C, F = d.F, V = d.V, l
         cdef const Py_ssize_t *o
         cdef const float *p = &self.params[0]
         cdef float *x = &self.x[0]

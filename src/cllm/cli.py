@@ -11,14 +11,14 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .architecture import (add_architecture_arguments, check_agrees, check_architecture,
-                           describe, model_config)
-from .argtypes import (fraction, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, text)
+from .architecture import (DERIVED_IN_TRAINING, add_architecture_arguments,
+                           check_architecture, chosen_architecture)
+from .argtypes import non_negative_float, non_negative_int, positive_int, probability, text
+from .config import ModelConfig
 from .errors import CllmError
+from .settings import DEFAULT_SEED, TrainConfig, add_arguments, check_agrees
 
 COMMANDS = ("train", "infer", "create", "help")
-DEFAULT_SEED = 1337
 INTERRUPTED = 130
 
 
@@ -49,66 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-d", "--data", required=True, metavar="DIR",
-                   help="folder of text files, read recursively")
-    p.add_argument("-c", "--checkpoint", default="./checkpoints", metavar="DIR",
-                   help="folder for checkpoints and every output (default: %(default)s)")
-    add_architecture_arguments(p, "largest vocabulary of the BPE tokenizer")
-    group = p.add_argument_group("training")
-    group.add_argument("-s", "--seq-len", type=positive_int, default=128, metavar="N",
-                       help="tokens per training sequence; the model's context is twice "
-                            "this (default: %(default)s)")
-    group.add_argument("--tokenizer", choices=("bpe", "char"), default="bpe",
-                       help="byte-level BPE trained on the corpus, or one token per "
-                            "character (default: %(default)s)")
-    group.add_argument("-E", "--epochs", type=positive_int, default=10, metavar="N",
-                       help="passes over the training split, in steps of -b x -s tokens "
-                            "(default: %(default)s)")
-    group.add_argument("--max-steps", type=positive_int, metavar="N",
-                       help="train this many steps, whatever --epochs says")
-    group.add_argument("-b", "--batch", type=positive_int, default=32, metavar="N",
-                       help="sequences per step (default: %(default)s)")
-    group.add_argument("-r", "--lr", type=positive_float, default=1e-4, metavar="RATE",
-                       help="peak learning rate (default: %(default)s)")
-    group.add_argument("--min-lr", type=non_negative_float, metavar="RATE",
-                       help="learning rate at the last step, reached by cosine decay "
-                            "(default: --lr / 10)")
-    group.add_argument("--warmup", type=non_negative_int, default=100, metavar="STEPS",
-                       help="steps of linear warmup to --lr (default: %(default)s)")
-    group.add_argument("--weight-decay", type=non_negative_float, default=0.1, metavar="W",
-                       help="AdamW weight decay, on 2-D weights only (default: %(default)s)")
-    group.add_argument("--beta1", type=fraction, default=0.9, metavar="B",
-                       help="AdamW beta1 (default: %(default)s)")
-    group.add_argument("--beta2", type=fraction, default=0.95, metavar="B",
-                       help="AdamW beta2 (default: %(default)s)")
-    group.add_argument("--grad-clip", type=non_negative_float, default=1.0, metavar="NORM",
-                       help="largest global gradient norm, 0 for none (default: %(default)s)")
-    group.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
-                       help="seed of the initial weights and of the data order "
-                            "(default: %(default)s)")
-    group.add_argument("-t", "--threads", type=non_negative_int, default=0, metavar="N",
-                       help="threads, 0 for every usable core (default: %(default)s)")
-    group.add_argument("--spheres", type=positive_int, default=12, metavar="N",
-                       help="parts each batch is split into; the result depends on it, not "
-                            "on --threads (default: %(default)s)")
-    group = p.add_argument_group("evaluation and checkpoints")
-    group.add_argument("--val-fraction", type=fraction, default=0.1, metavar="F",
-                       help="share of the token stream, at its end, held out for validation "
-                            "(default: %(default)s)")
-    group.add_argument("--eval-every", type=non_negative_int, default=500, metavar="STEPS",
-                       help="steps between validation losses, 0 for none before the final "
-                            "one (default: %(default)s)")
-    group.add_argument("--eval-batches", type=positive_int, default=20, metavar="N",
-                       help="batches of random validation windows per evaluation "
-                            "(default: %(default)s)")
-    group.add_argument("--checkpoint-every", type=positive_int, default=1000, metavar="STEPS",
-                       help="steps between checkpoints (default: %(default)s)")
-    group.add_argument("--keep-checkpoints", type=positive_int, default=3, metavar="N",
-                       help="newest checkpoints kept, older ones deleted (default: %(default)s)")
-    group.add_argument("--resume", action="store_true",
-                       help="continue from the newest valid checkpoint in --checkpoint")
-    group.add_argument("--init-from", metavar="FILE.cllm",
-                       help="start from this model's weights (and tokenizer, if it has one)")
+    add_architecture_arguments(p, skip=DERIVED_IN_TRAINING)
+    add_arguments(p.add_argument_group("training"), TrainConfig)
 
 
 def _add_infer(p: argparse.ArgumentParser) -> None:
@@ -134,9 +76,7 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
 
 
 def _add_create(p: argparse.ArgumentParser) -> None:
-    add_architecture_arguments(p, "vocabulary size; taken from --tokenizer when given")
-    p.add_argument("-s", "--ctx", type=positive_int, default=256, metavar="N",
-                   help="context length in tokens (default: %(default)s)")
+    add_architecture_arguments(p, vocab_size="vocabulary size; taken from --tokenizer when given")
     p.add_argument("--tokenizer", metavar="FILE", help="a tokenizer.json to put in the model")
     p.add_argument("--seed", type=non_negative_int, default=DEFAULT_SEED,
                    help="seed of the initial weights (default: %(default)s)")
@@ -164,16 +104,18 @@ def _create(args: argparse.Namespace, explicit: set[str]) -> None:
     from .model import Model
     from .tokenizer import tokenizer_from_json
 
-    check_architecture(args)
+    fields = chosen_architecture(args)
+    check_architecture(fields)
     tokenizer = None
     if args.tokenizer is not None:
         tokenizer = tokenizer_from_json(Path(args.tokenizer).read_text(encoding="utf-8"))
-        check_agrees(args, explicit, {"vocab": tokenizer.get_vocab_size()}, args.tokenizer)
-        args.vocab = tokenizer.get_vocab_size()
-    model = Model.create(model_config(args, args.vocab, args.ctx), seed=args.seed,
-                         tokenizer=tokenizer)
+        check_agrees(ModelConfig, fields, explicit, {"vocab_size": tokenizer.get_vocab_size()},
+                     args.tokenizer)
+        fields["vocab_size"] = tokenizer.get_vocab_size()
+    model = Model.create(ModelConfig(**fields), seed=args.seed, tokenizer=tokenizer)
     model.save(args.output)
-    print(f"{args.output}: {describe(model.config)}")
+    print(f"{args.output}: {model.config.describe()}")
+    print(f"train it with: cllm train --init-from {args.output} -d DIR")
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:

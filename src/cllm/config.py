@@ -1,10 +1,18 @@
-"""Model configuration and the layout of the one flat parameter buffer."""
+"""Model configuration and the layout of the one flat parameter buffer.
+
+Each field that a user chooses on the command line declares its flag beside it (see
+settings.py): one name for each setting, from the command line to the saved file."""
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
 from dataclasses import dataclass
+
+import numpy as np
+
+from .argtypes import positive_int, unit_interval
+from .settings import setting
 
 # Per-layer tensors in Hugging Face GPT-2 order: (suffix, shape in terms of C, F).
 LAYER_TENSORS = (
@@ -42,19 +50,35 @@ class ModelConfig:
     A switch is on by default where the ablation (bench/ablation.py) showed that it does not
     lose: angular positions and Ulam attention. A saved configuration without the switch
     fields predates them and is GPT-2 (GPT2_SWITCHES)."""
-    vocab_size: int
-    n_ctx: int
-    n_embd: int
-    n_layer: int
-    n_head: int
+    vocab_size: int = setting(flags=("-v", "--vocab"), type=positive_int, cli_default=10000,
+                              metavar="N", help="vocabulary size")
+    n_ctx: int = setting(flags=("-s", "--ctx"), type=positive_int, cli_default=256,
+                         metavar="N", help="context length in tokens")
+    n_embd: int = setting(flags=("-e", "--embed"), type=positive_int, cli_default=256,
+                          metavar="N", help="embedding width; the feed-forward width is 4 x this")
+    n_layer: int = setting(flags=("-l", "--layers"), type=positive_int, cli_default=6,
+                           metavar="N", help="transformer layers")
+    n_head: int = setting(flags=("-H", "--heads"), type=positive_int, cli_default=8,
+                          metavar="N", help="attention heads; must divide --embed")
     n_inner: int | None = None
     tie_embeddings: bool = True
-    init: str = "normal"
-    position: str = "angular"
-    attention: str = "ulam"
-    ulam_radius: int = 2
-    loss: str = "ce"
-    crystalline_alpha: float = 0.1
+    init: str = setting("normal", flags=("--init",), choices=SWITCHES["init"],
+                        help="initialisation of the token embeddings: GPT-2's normal draw or "
+                             "the crystalline lattice")
+    position: str = setting("angular", flags=("--position",), choices=SWITCHES["position"],
+                            help="positions: a learned table, or angular rotation of queries "
+                                 "and keys")
+    attention: str = setting("ulam", flags=("--attention",), choices=SWITCHES["attention"],
+                             help="attention: dense causal, or sparse over Ulam-spiral "
+                                  "neighbours")
+    ulam_radius: int = setting(2, flags=("--ulam-radius",), type=positive_int, metavar="R",
+                               help="Chebyshev radius of the Ulam neighbourhood")
+    loss: str = setting("ce", flags=("--loss",), choices=SWITCHES["loss"],
+                        help="training loss: cross-entropy, or the crystalline GCD/Ulam label "
+                             "smoothing")
+    crystalline_alpha: float = setting(0.1, flags=("--crystalline-alpha",), type=unit_interval,
+                                       metavar="A",
+                                       help="weight of the crystalline target in the loss")
 
     def __post_init__(self):
         for name in ("vocab_size", "n_ctx", "n_embd", "n_layer", "n_head"):
@@ -132,6 +156,30 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         return sum(math.prod(shape) for _, shape in self.tensor_shapes())
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Name -> the tensor's view into the flat buffer (or any array laid out like it)."""
+        return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
+                for name, (offset, shape) in self.layout()[0].items()}
+
+    def flatten(self, tensors: dict[str, np.ndarray]) -> np.ndarray:
+        """A new flat float32 buffer holding the named tensors (the inverse of views)."""
+        layout, size = self.layout()
+        flat = np.empty(size, dtype=np.float32)
+        for name, view in self.views(flat).items():
+            view[...] = tensors[name]
+        return flat
+
+    def describe(self) -> str:
+        """One line for people: the sizes, the switches and the parameter count."""
+        return (f"vocabulary {self.vocab_size}, context {self.n_ctx}, embedding "
+                f"{self.n_embd}, layers {self.n_layer}, heads {self.n_head}, "
+                f"feed-forward {self.n_inner}; init {self.init}, positions {self.position}, "
+                f"attention {self.attention}"
+                + (f" (radius {self.ulam_radius})" if self.attention == "ulam" else "")
+                + f", loss {self.loss}"
+                + (f" (alpha {self.crystalline_alpha})" if self.loss == "crystalline" else "")
+                + f"; {self.num_parameters():,} parameters")
 
 
 def _check_positive_int(name: str, value) -> None:

@@ -5,8 +5,7 @@ from typing import Iterator
 
 import numpy as np
 
-from . import _core
-from .threads import idle_cores
+from .threads import idle_cores, positive_count
 from .tokenizer import decode, encode
 
 
@@ -60,9 +59,9 @@ def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
     V, n_ctx = model.config.vocab_size, model.config.n_ctx
     if min(ids) < 0 or max(ids) >= V:
         raise ValueError(f"prompt ids must lie in [0, {V})")
-    threads = model._check_count("threads", threads, idle_cores())
+    threads = positive_count("threads", threads, idle_cores())
     rng = np.random.default_rng(seed)
-    decoder = _core.Decoder(model._dims, model._layer_offsets, model.flat, threads)
+    decoder = model.core.decoder(threads)
     window = ids[-n_ctx:]
     logits = _read(decoder, window)
     for _ in range(max_new_tokens):

@@ -1,14 +1,15 @@
-"""AdamW over the model's flat parameter buffer, fused in the Cython core."""
+"""The training step: loss and gradients, the gradient norm and clipping, the scheduled
+learning rate, and AdamW over the model's flat parameter buffer (fused in the core)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _core
-
-# Work unit of the fused update: fixed, so the split of the work never depends on threads.
-CHUNK = 65536
+from .threads import positive_count, usable_cores
 
 
 class AdamW:
@@ -22,21 +23,49 @@ class AdamW:
         self.m = np.zeros_like(model.flat)
         self.v = np.zeros_like(model.flat)
         self.step_count = 0
-        rows = []
-        for name, (offset, shape) in model.config.layout()[0].items():
-            decay = int(len(shape) >= 2)
-            size = math.prod(shape)
-            rows += [(start, min(start + CHUNK, offset + size), decay)
-                     for start in range(offset, offset + size, CHUNK)]
-        self._ranges = np.array(rows, dtype=np.intp).reshape(-1, 3)
 
     def step(self, grad_flat: np.ndarray, lr: float | None = None, grad_scale: float = 1.0,
              threads: int = 1) -> None:
         """One update with gradient grad_flat * grad_scale (grad_scale < 1 clips)."""
         self.step_count += 1
-        _core.adamw_step(self.model.flat, grad_flat, self.m, self.v, self._ranges,
-                         self.lr if lr is None else lr, self.betas[0], self.betas[1], self.eps,
-                         self.weight_decay, grad_scale, self.step_count, threads)
+        self.model.core.adamw_step(grad_flat, self.m, self.v, self.lr if lr is None else lr,
+                                   self.betas[0], self.betas[1], self.eps, self.weight_decay,
+                                   grad_scale, self.step_count, threads)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Linear warmup to `lr` over the first `warmup` steps, then cosine decay from `lr` to
+    `min_lr`, reached at step `total_steps`."""
+    lr: float
+    min_lr: float
+    warmup: int
+    total_steps: int
+
+    def rate(self, step: int) -> float:
+        """The learning rate of step `step` (1-based)."""
+        return scheduled_lr(step, self.total_steps, self.lr, self.min_lr, self.warmup)
+
+
+class StepResult(NamedTuple):
+    loss: float       # mean training loss of the batch (config.loss)
+    ce: float         # its mean plain cross-entropy
+    grad_norm: float  # global gradient norm before clipping
+    lr: float         # the learning rate the step used
+
+
+def train_step(model, optimizer: AdamW, schedule: Schedule, x, y, grad_clip: float = 1.0,
+               spheres: int = 12, threads: int | None = None) -> StepResult:
+    """One training step on the batch (x, y): loss and gradients over the spheres, the
+    gradient's norm, clipping to grad_clip (0: none), and AdamW at the scheduled rate of the
+    optimizer's next step. The same for every thread count, bit for bit."""
+    threads = positive_count("threads", threads, usable_cores())
+    losses, _ = model.loss_and_grads(x, y, spheres=spheres, threads=threads)
+    norm = model.core.grad_norm(threads)
+    lr = schedule.rate(optimizer.step_count + 1)
+    optimizer.step(model.grad_flat, lr=lr, grad_scale=clip_scale(norm, grad_clip),
+                   threads=threads)
+    return StepResult(losses.loss, losses.ce, norm, lr)
 
 
 def clip_scale(grad_norm: float, max_norm: float) -> float:
@@ -47,7 +76,7 @@ def clip_scale(grad_norm: float, max_norm: float) -> float:
 
 
 def grad_norm(grad_flat: np.ndarray, threads: int = 1) -> float:
-    """Global L2 norm of the gradient, the same for every thread count."""
+    """Global L2 norm of a gradient, the same for every thread count."""
     return _core.grad_norm(grad_flat, threads)
 
 

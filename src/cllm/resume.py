@@ -7,13 +7,15 @@ A checkpoint is a .cllm file with the AdamW moments and a `training` object:
     rng            state of the generator that draws the training windows (PCG64, as JSON)
     best_val_loss  lowest validation loss so far (null before the first evaluation)
     elapsed        seconds of training so far, over every run that led here
-    args           the run's arguments, so that `--resume` continues the same run
+    settings       the run's TrainConfig by field name, so that `--resume` continues the same
+                   run (checkpoints written before it hold `args`, the command line's
+                   arguments, whose training names are the same)
 
 With these, a resumed run repeats exactly what the uninterrupted run would have done.
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -22,10 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import checkpoint_path, list_checkpoints, load_cllm, prune_checkpoints, save_cllm
-from .config import ModelConfig
 from .errors import CheckpointError, CllmError
 from .model import Model
 from .optim import AdamW
+from .settings import TrainConfig
 from .tokenizer import tokenizer_to_json
 
 
@@ -43,25 +45,22 @@ class Checkpoint:
     model: Model
     moments: dict[str, np.ndarray]  # "m" and "v" as flat buffers like model.flat
     state: TrainingState
-    args: dict
+    settings: dict   # TrainConfig fields by name
 
 
 def save_checkpoint(folder: str | os.PathLike, model: Model, optimizer: AdamW,
-                    state: TrainingState, args: dict, keep: int) -> Path:
-    """Write checkpoint_step_<step>.cllm atomically, then delete all but the `keep` newest."""
+                    state: TrainingState, run: TrainConfig) -> Path:
+    """Write checkpoint_step_<step>.cllm atomically, then delete all but the
+    run.keep_checkpoints newest."""
     path = checkpoint_path(folder, state.step)
     training = dict(step=state.step, rng=state.rng.bit_generator.state,
-                    best_val_loss=state.best_val_loss, elapsed=state.elapsed, args=args)
-    moments = {"m": _named(model.config, optimizer.m), "v": _named(model.config, optimizer.v)}
+                    best_val_loss=state.best_val_loss, elapsed=state.elapsed,
+                    settings=dataclasses.asdict(run))
+    moments = {"m": model.config.views(optimizer.m), "v": model.config.views(optimizer.v)}
     save_cllm(path, model.params, model.config, tokenizer_to_json(model.tokenizer), moments,
               training)
-    prune_checkpoints(folder, keep)
+    prune_checkpoints(folder, run.keep_checkpoints)
     return path
-
-
-def _named(config: ModelConfig, flat: np.ndarray) -> dict[str, np.ndarray]:
-    return {name: flat[offset:offset + math.prod(shape)].reshape(shape)
-            for name, (offset, shape) in config.layout()[0].items()}
 
 
 def newest_checkpoint(folder: str | os.PathLike) -> Checkpoint:
@@ -91,17 +90,16 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a training checkpoint (a model file without the "
                               f"optimizer state, training state or tokenizer a run needs)")
     try:
-        step, args, best, elapsed = (training["step"], training["args"],
-                                     training["best_val_loss"], training["elapsed"])
+        step, best, elapsed = training["step"], training["best_val_loss"], training["elapsed"]
+        settings = training["settings"] if "settings" in training else training["args"]
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = training["rng"]
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})") from e
-    if not (isinstance(step, int) and step >= 0 and isinstance(args, dict)
+    if not (isinstance(step, int) and step >= 0 and isinstance(settings, dict)
             and isinstance(elapsed, (int, float)) and isinstance(best, (int, float, type(None)))):
-        raise CheckpointError(f"{path}: damaged training state (step, args, elapsed or "
+        raise CheckpointError(f"{path}: damaged training state (step, settings, elapsed or "
                               f"best_val_loss has the wrong type)")
-    moments = {name: np.concatenate([tensors[t].reshape(-1) for t, _ in f.config.tensor_shapes()])
-               for name, tensors in f.optimizer.items()}
+    moments = {name: f.config.flatten(tensors) for name, tensors in f.optimizer.items()}
     return Checkpoint(path, Model.load(path, writable=True), moments,
-                      TrainingState(step, rng, best, float(elapsed)), args)
+                      TrainingState(step, rng, best, float(elapsed)), settings)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
+import shlex
 import signal
 import threading
 import time
@@ -18,25 +20,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .architecture import (ARCHITECTURE_FLAGS, architecture_args, check_agrees,
-                           check_architecture, describe, model_config)
+from .architecture import DERIVED_IN_TRAINING, check_architecture, chosen_architecture
 from .checkpoint import list_checkpoints
+from .config import ModelConfig
 from .data import (build_dataset, find_text_files, iter_texts, iter_windows_sequential,
                    open_dataset, sample_windows, split_train_val)
 from .errors import CllmError, DataError
 from .fileio import remove_stale_temporaries
 from .metrics import MetricsLog, read_metrics, truncate_metrics
 from .model import Model
-from .threads import usable_cores
-from .optim import AdamW, clip_scale, grad_norm, scheduled_lr
+from .optim import AdamW, Schedule, train_step
 from .report import generate_samples, peak_memory_mb, plot_losses, write_samples, write_stats
 from .resume import Checkpoint, TrainingState, newest_checkpoint, save_checkpoint
+from .settings import TrainConfig, check_agrees
+from .threads import usable_cores
 from .tokenizer import save_tokenizer, tokenizer_kind, train_bpe, train_char
 
 PHASES = ("Data loading", "Vocabulary building", "Dataset creation", "Model initialization",
           "Training", "Final save")
-# Flags that fix what a run trains: taken from the checkpoint on --resume.
-TRAIN_ARCHITECTURE = ARCHITECTURE_FLAGS + ("seq_len", "tokenizer")
 # Streams of the run's seed, apart from the model's initialisation: the windows each step
 # trains on, and the fixed validation windows of the periodic evaluations.
 _TRAIN_WINDOWS, _EVAL_WINDOWS = 1, 2
@@ -44,24 +45,29 @@ FINAL_MODEL = "final_model.cllm"
 
 
 def train(args: argparse.Namespace, explicit: set[str]) -> None:
-    """Run the six phases. `explicit` names the flags the user gave (argparse destinations):
-    only those may contradict a checkpoint or model file, and only to raise an error."""
+    """Run the six phases. `explicit` names the flags the user gave (their field names): only
+    those may contradict a checkpoint or model file, and only to raise an error."""
     started = time.perf_counter()
-    out = _output_folder(Path(args.checkpoint))
+    run = TrainConfig.from_args(args)
+    architecture = chosen_architecture(args, DERIVED_IN_TRAINING)
+    out = _output_folder(Path(run.checkpoint))
     resumed = initial = None
-    if args.resume:
+    if run.resume:
         resumed = newest_checkpoint(out)
-        args = _resumed_args(args, explicit, resumed.args)
+        check_agrees(ModelConfig, architecture, explicit,
+                     chosen_architecture(resumed.model.config, DERIVED_IN_TRAINING), "the checkpoint")
+        run = run.resumed(resumed.settings, explicit)
         print(f"resuming from {resumed.path} at step {resumed.state.step}", flush=True)
     else:
         _refuse_earlier_run(out)
-        if args.init_from:
-            initial = Model.load(args.init_from, writable=True)
-            _take_architecture(args, explicit, initial)
-    _resolve(args)
+        check_architecture(architecture)
+        if run.init_from:
+            initial = Model.load(run.init_from, writable=True)
+            run = _take_architecture(run, architecture, explicit, initial)
+    run = _resolve(run)
 
     _announce(1)
-    files = find_text_files(args.data)
+    files = find_text_files(run.data)
     skipped = f" ({files.skipped} skipped: not UTF-8 text)" if files.skipped else ""
     print(f"  {len(files.paths)} text files, {files.total_bytes / 1e6:.1f} MB{skipped}",
           flush=True)
@@ -70,9 +76,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> None:
     if resumed is not None:
         tokenizer, source = resumed.model.tokenizer, "from the checkpoint"
     elif initial is not None and initial.tokenizer is not None:
-        tokenizer, source = initial.tokenizer, f"from {args.init_from}"
+        tokenizer, source = initial.tokenizer, f"from {run.init_from}"
     else:
-        tokenizer, source = _train_tokenizer(files, args), f"{args.tokenizer}, from the corpus"
+        tokenizer, source = _train_tokenizer(files, run), f"{run.tokenizer}, from the corpus"
     save_tokenizer(tokenizer, out)
     vocab_size = tokenizer.get_vocab_size()
     print(f"  {vocab_size} tokens ({source}): tokenizer.json, vocab.txt", flush=True)
@@ -81,23 +87,23 @@ def train(args: argparse.Namespace, explicit: set[str]) -> None:
     with _bar(files.total_bytes, "encoding", unit="B", unit_scale=True) as bar:
         build_dataset(tokenizer, files, out / "dataset.bin", bar.update)
     tokens = open_dataset(out / "dataset.bin", vocab_size)
-    train_split, val_split = split_train_val(tokens, args.val_fraction)
-    _require_sequences(args, train_split, val_split)
+    train_split, val_split = split_train_val(tokens, run.val_fraction)
+    _require_sequences(run, train_split, val_split)
     print(f"  {len(tokens):,} tokens ({tokens.dtype.itemsize * 8}-bit ids): "
           f"{len(train_split):,} training, {len(val_split):,} validation", flush=True)
 
     _announce(4)
-    model, optimizer, state = _initial_model(args, tokenizer, resumed, initial)
-    print(f"  GPT-2: {describe(model.config)}", flush=True)
+    model, optimizer, state = _initial_model(run, architecture, tokenizer, resumed, initial)
+    print(f"  GPT-2: {model.config.describe()}", flush=True)
 
     _announce(5)
-    total_steps = args.max_steps or max(
-        1, args.epochs * (len(train_split) // (args.batch * args.seq_len)))
+    total_steps = run.max_steps or max(
+        1, run.epochs * (len(train_split) // (run.batch * run.seq_len)))
     with _metrics_log(out / "metrics.jsonl", state.step) as metrics:
-        _train_loop(args, model, optimizer, state, total_steps, train_split, val_split, out,
+        _train_loop(run, model, optimizer, state, total_steps, train_split, val_split, out,
                     metrics)
         _announce(6)
-        _final_save(args, model, state, val_split, train_split, out, metrics, started)
+        _final_save(run, model, state, val_split, train_split, out, metrics, started)
 
 
 def _announce(phase: int) -> None:
@@ -133,48 +139,39 @@ def _refuse_earlier_run(out: Path) -> None:
                         f"--resume, or give another folder with -c")
 
 
-def _resumed_args(args: argparse.Namespace, explicit: set[str],
-                  saved: dict) -> argparse.Namespace:
-    """The checkpoint's run arguments, with the flags given now on top. Architecture flags may
-    not change; the others (steps, rates...) may, at the price of exactness."""
-    check_agrees(args, explicit, {name: saved[name] for name in TRAIN_ARCHITECTURE
-                                  if name in saved}, "the checkpoint")
-    merged = {**vars(args), **saved}
-    merged.update({name: getattr(args, name) for name in explicit})
-    # Where the data and outputs are and how many threads run change nothing in the result.
-    merged.update(data=args.data, checkpoint=args.checkpoint, threads=args.threads, resume=True)
-    return argparse.Namespace(**merged)
-
-
-def _take_architecture(args: argparse.Namespace, explicit: set[str], model: Model) -> None:
+def _take_architecture(run: TrainConfig, architecture: dict, explicit: set[str],
+                       model: Model) -> TrainConfig:
     """--init-from: the architecture (and tokenizer, if it has one) comes from the file."""
-    given = architecture_args(model.config)
+    check_agrees(ModelConfig, architecture, explicit,
+                 chosen_architecture(model.config, DERIVED_IN_TRAINING), run.init_from)
     if model.tokenizer is not None and tokenizer_kind(model.tokenizer) is not None:
-        given["tokenizer"] = tokenizer_kind(model.tokenizer)
-    check_agrees(args, explicit, given, args.init_from)
-    vars(args).update(given)
+        kind = tokenizer_kind(model.tokenizer)
+        check_agrees(TrainConfig, vars(run), explicit, {"tokenizer": kind}, run.init_from)
+        run = dataclasses.replace(run, tokenizer=kind)
     n_ctx = model.config.n_ctx
     if "seq_len" not in explicit:
-        args.seq_len = max(1, n_ctx // 2)  # the relation n_ctx = 2 x seq-len of new models
-    elif args.seq_len > n_ctx:
-        raise CllmError(f"--seq-len {args.seq_len} exceeds the context of {args.init_from} "
+        # the relation n_ctx = 2 x seq-len of new models
+        return dataclasses.replace(run, seq_len=max(1, n_ctx // 2))
+    if run.seq_len > n_ctx:
+        raise CllmError(f"--seq-len {run.seq_len} exceeds the context of {run.init_from} "
                         f"({n_ctx} tokens)")
+    return run
 
 
-def _resolve(args: argparse.Namespace) -> None:
-    check_architecture(args)
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10
-    if args.min_lr > args.lr:
-        raise CllmError(f"--min-lr ({args.min_lr:g}) must not exceed --lr ({args.lr:g})")
+def _resolve(run: TrainConfig) -> TrainConfig:
+    if run.min_lr is None:
+        run = dataclasses.replace(run, min_lr=run.lr / 10)
+    if run.min_lr > run.lr:
+        raise CllmError(f"--min-lr ({run.min_lr:g}) must not exceed --lr ({run.lr:g})")
+    return run
 
 
 # ---- phases 2 to 4 ----
 
-def _train_tokenizer(files, args: argparse.Namespace):
+def _train_tokenizer(files, run: TrainConfig):
     with _bar(len(files.paths), "reading", unit="file") as bar:
         texts = _counted(iter_texts(files), bar)
-        return train_char(texts) if args.tokenizer == "char" else train_bpe(texts, args.vocab)
+        return train_char(texts) if run.tokenizer == "char" else train_bpe(texts, run.vocab)
 
 
 def _counted(texts, bar: tqdm):
@@ -183,35 +180,36 @@ def _counted(texts, bar: tqdm):
         bar.update()
 
 
-def _require_sequences(args: argparse.Namespace, train_split, val_split) -> None:
-    needed = args.seq_len + 1  # one window's inputs and the target after its last token
+def _require_sequences(run: TrainConfig, train_split, val_split) -> None:
+    needed = run.seq_len + 1  # one window's inputs and the target after its last token
     if len(train_split) < needed:
         raise DataError(f"the corpus is too short: its training split has {len(train_split)} "
-                        f"tokens and one sequence of --seq-len {args.seq_len} needs {needed}")
-    if args.val_fraction > 0 and len(val_split) < needed:
-        raise DataError(f"the validation split (--val-fraction {args.val_fraction:g}) has "
-                        f"{len(val_split)} tokens and one sequence of --seq-len {args.seq_len} "
+                        f"tokens and one sequence of --seq-len {run.seq_len} needs {needed}")
+    if run.val_fraction > 0 and len(val_split) < needed:
+        raise DataError(f"the validation split (--val-fraction {run.val_fraction:g}) has "
+                        f"{len(val_split)} tokens and one sequence of --seq-len {run.seq_len} "
                         f"needs {needed}: give more text, a larger --val-fraction, or 0 for none")
 
 
-def _initial_model(args: argparse.Namespace, tokenizer, resumed: Checkpoint | None,
-                   initial: Model | None) -> tuple[Model, AdamW, TrainingState]:
+def _initial_model(run: TrainConfig, architecture: dict, tokenizer,
+                   resumed: Checkpoint | None, initial: Model | None) -> tuple[Model, AdamW, TrainingState]:
     if resumed is not None:
         model = resumed.model
     elif initial is not None:
         model = initial
         if tokenizer.get_vocab_size() > model.config.vocab_size:
             raise DataError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
-                            f"{args.init_from} has room for {model.config.vocab_size}")
+                            f"{run.init_from} has room for {model.config.vocab_size}")
         model.tokenizer = tokenizer
     else:
-        config = model_config(args, tokenizer.get_vocab_size(), 2 * args.seq_len)
-        model = Model.create(config, seed=args.seed, tokenizer=tokenizer)
-    optimizer = AdamW(model, lr=args.lr, betas=(args.beta1, args.beta2),
-                      weight_decay=args.weight_decay)
+        config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), n_ctx=2 * run.seq_len,
+                             **architecture)
+        model = Model.create(config, seed=run.seed, tokenizer=tokenizer)
+    optimizer = AdamW(model, lr=run.lr, betas=(run.beta1, run.beta2),
+                      weight_decay=run.weight_decay)
     if resumed is None:
         return model, optimizer, TrainingState(
-            0, np.random.default_rng([args.seed, _TRAIN_WINDOWS]), None, 0.0)
+            0, np.random.default_rng([run.seed, _TRAIN_WINDOWS]), None, 0.0)
     optimizer.m[...] = resumed.moments["m"]
     optimizer.v[...] = resumed.moments["v"]
     optimizer.step_count = resumed.state.step
@@ -248,58 +246,53 @@ def _deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
 
 
-def _train_loop(args, model: Model, optimizer: AdamW, state: TrainingState, total_steps: int,
+def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState, total_steps: int,
                 train_split, val_split, out: Path, metrics: MetricsLog) -> None:
-    B, T = args.batch, args.seq_len
-    threads = args.threads or usable_cores()
-    evaluating = args.eval_every > 0 and len(val_split) > 0
+    B, T = run.batch, run.seq_len
+    threads = run.threads or usable_cores()
+    evaluating = run.eval_every > 0 and len(val_split) > 0
     if evaluating:
-        eval_rng = np.random.default_rng([args.seed, _EVAL_WINDOWS])
+        eval_rng = np.random.default_rng([run.seed, _EVAL_WINDOWS])
         eval_batches = [sample_windows(eval_rng, val_split, B, T, "the validation split")
-                        for _ in range(args.eval_batches)]
-    print(f"  {total_steps} steps of {B} x {T} tokens, lr {args.lr:g} (warmup {args.warmup}, "
-          f"cosine to {args.min_lr:g}), {threads} threads, {args.spheres} spheres", flush=True)
+                        for _ in range(run.eval_batches)]
+    print(f"  {total_steps} steps of {B} x {T} tokens, lr {run.lr:g} (warmup {run.warmup}, "
+          f"cosine to {run.min_lr:g}), {threads} threads, {run.spheres} spheres", flush=True)
     if state.step >= total_steps:
         print(f"  already trained to step {state.step}", flush=True)
         return
-    saved_args = {name: value for name, value in vars(args).items() if name != "command"}
+    schedule = Schedule(run.lr, run.min_lr, run.warmup, total_steps)
     resumed_elapsed, loop_start = state.elapsed, time.perf_counter()
     smoothed_rate = None
     with _bar(total_steps, "training", initial=state.step, unit="step") as bar, \
             _deferred_interrupt() as interrupted:
         while state.step < total_steps:
             step_start = time.perf_counter()
-            step = state.step + 1
             # Node Zero: the batch of random windows every sphere's share is cut from
             x, y = sample_windows(state.rng, train_split, B, T, "the training split")
-            loss, _ = model.loss_and_grads(x, y, spheres=args.spheres, threads=threads)
-            norm = grad_norm(model.grad_flat, threads)
-            lr = scheduled_lr(step, total_steps, args.lr, args.min_lr, args.warmup)
-            optimizer.step(model.grad_flat, lr=lr, grad_scale=clip_scale(norm, args.grad_clip),
-                           threads=threads)
+            done = train_step(model, optimizer, schedule, x, y, run.grad_clip, run.spheres,
+                              threads)
             rate = B * T / (time.perf_counter() - step_start)
-            state.step = step
+            state.step = step = optimizer.step_count
             state.elapsed = resumed_elapsed + time.perf_counter() - loop_start
-            metrics.write(step=step, loss=loss, lr=lr, grad_norm=norm, tokens_per_s=rate,
-                          elapsed=state.elapsed, **_plain_ce(model, "ce", model.last_ce))
-            if evaluating and step % args.eval_every == 0:
-                val_loss, val_ce = _mean_loss(model, eval_batches, args.spheres, threads)
+            metrics.write(step=step, loss=done.loss, lr=done.lr, grad_norm=done.grad_norm,
+                          tokens_per_s=rate, elapsed=state.elapsed,
+                          **_plain_ce(model, "ce", done.ce))
+            if evaluating and step % run.eval_every == 0:
+                val_loss, val_ce = _mean_loss(model, eval_batches, run.spheres, threads)
                 metrics.write(step=step, val_loss=val_loss, **_plain_ce(model, "val_ce", val_ce))
                 state.best_val_loss = _lowest(state.best_val_loss, val_loss)
                 bar.write(f"  step {step}: validation loss {val_loss:.4f}"
                           + "".join(f" (cross-entropy {ce:.4f})"
                                     for ce in _plain_ce(model, "val_ce", val_ce).values()))
             saved = None
-            if step % args.checkpoint_every == 0:
-                saved = save_checkpoint(out, model, optimizer, state, saved_args,
-                                        args.keep_checkpoints)
+            if step % run.checkpoint_every == 0:
+                saved = save_checkpoint(out, model, optimizer, state, run)
             smoothed_rate = rate if smoothed_rate is None else 0.9 * smoothed_rate + 0.1 * rate
-            bar.set_postfix_str(f"loss {loss:.4f}, lr {lr:.2e}, {smoothed_rate:,.0f} tokens/s",
-                                refresh=False)
+            bar.set_postfix_str(f"loss {done.loss:.4f}, lr {done.lr:.2e}, "
+                                f"{smoothed_rate:,.0f} tokens/s", refresh=False)
             bar.update()
             if interrupted.is_set():
-                path = saved or save_checkpoint(out, model, optimizer, state, saved_args,
-                                                args.keep_checkpoints)
+                path = saved or save_checkpoint(out, model, optimizer, state, run)
                 bar.close()
                 print(f"interrupted: step {step} saved to {path}; continue with --resume",
                       flush=True)
@@ -311,8 +304,9 @@ def _mean_loss(model: Model, batches, spheres: int, threads: int) -> tuple[float
     differ in size."""
     total, total_ce, count = 0.0, 0.0, 0
     for x, y in batches:
-        total += model.loss(x, y, spheres=spheres, threads=threads) * y.size
-        total_ce += model.last_ce * y.size
+        losses = model.loss(x, y, spheres=spheres, threads=threads)
+        total += losses.loss * y.size
+        total_ce += losses.ce * y.size
         count += y.size
     return total / count, total_ce / count
 
@@ -333,34 +327,34 @@ def _shown(value) -> str:
     return str(round(value, 4) if isinstance(value, float) else value)
 
 
-def _final_save(args, model: Model, state: TrainingState, val_split, train_split, out: Path,
+def _final_save(run, model: Model, state: TrainingState, val_split, train_split, out: Path,
                 metrics: MetricsLog, started: float) -> None:
-    threads = args.threads or usable_cores()
+    threads = run.threads or usable_cores()
     model.save(out / FINAL_MODEL)
     print(f"  {out / FINAL_MODEL}", flush=True)
 
     final_val_loss = None
     if len(val_split):
-        windows = (len(val_split) - 1) // args.seq_len
-        with _bar(math.ceil(windows / args.batch), "validating", unit="batch") as bar:
-            batches = _counted(iter_windows_sequential(val_split, args.batch, args.seq_len,
+        windows = (len(val_split) - 1) // run.seq_len
+        with _bar(math.ceil(windows / run.batch), "validating", unit="batch") as bar:
+            batches = _counted(iter_windows_sequential(val_split, run.batch, run.seq_len,
                                                        "the validation split"), bar)
-            final_val_loss, final_val_ce = _mean_loss(model, batches, args.spheres, threads)
+            final_val_loss, final_val_ce = _mean_loss(model, batches, run.spheres, threads)
         metrics.write(step=state.step, final_val_loss=final_val_loss,
-                      val_tokens=windows * args.seq_len,
+                      val_tokens=windows * run.seq_len,
                       **_plain_ce(model, "final_val_ce", final_val_ce))
         state.best_val_loss = _lowest(state.best_val_loss, final_val_loss)
         print(f"  final validation loss {final_val_loss:.4f} over the whole validation split "
-              f"({windows * args.seq_len:,} tokens)", flush=True)
+              f"({windows * run.seq_len:,} tokens)", flush=True)
 
     # prompts from text the model did not train on, where there is such text
     samples = generate_samples(model, val_split if len(val_split) else train_split,
-                               args.seq_len, args.seed, threads)
+                               run.seq_len, run.seed, threads)
     write_samples(samples, out / "samples.txt")
     for i, text in enumerate(samples):
         print(f"----- sample {i + 1} -----\n{text}", flush=True)
 
-    tokens = state.step * args.batch * args.seq_len
+    tokens = state.step * run.batch * run.seq_len
     stats = dict(steps=state.step, tokens=tokens, parameters=model.num_parameters,
                  wall_time_s=round(time.perf_counter() - started, 3),
                  train_time_s=round(state.elapsed, 3),
@@ -372,3 +366,5 @@ def _final_save(args, model: Model, state: TrainingState, val_split, train_split
                            for name, value in stats.items()), flush=True)
     plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png")
     print(f"  {out}: samples.txt, stats.json, loss.png, metrics.jsonl", flush=True)
+    print(f"generate with it: cllm infer -m {shlex.quote(str(out / FINAL_MODEL))} "
+          f"-p 'Your prompt' -n 100", flush=True)
