@@ -1,237 +1,433 @@
-"""Ablation of the crystalline switches (CRYSTALLINE.md section 6) on Tiny Shakespeare.
+"""Ablation of the crystalline switches (CRYSTALLINE.md section 6) through the real trainer, at
+BPE scale, on Tiny Shakespeare and on Python standard-library sources.
 
-    PYTHONPATH=src python bench/ablation.py [--steps 1000] [--seeds 3] [--threads 2]
+    PYTHONPATH=src python bench/ablation.py [--steps 100] [--seeds 3] [--threads 1]
+        [--settings none angular ulam defaults lattice crystalline] [--corpus both]
+        [--runs bench/out/ablation_runs] [--no-timing]
     PYTHONPATH=src python bench/ablation.py --timing-only
 
-Trains the same budget with no switch, each switch alone, all four together and the defaults
-(angular and Ulam, the two that won), once per seed:
-character tokens (ids of sorted(set(text))), 90/10 split, C=128, L=4, H=4, T=64, B=12, AdamW
-(betas 0.9, 0.99, weight decay 0.1), learning rate warmed up linearly over the first 5% of the
-steps then cosine from 1e-3 down to 1e-4, gradients clipped at norm 1.0. The batches are
-random windows drawn from a generator seeded by the run's seed, so every setting of one seed
-sees the same batches and the same starting weights where its parameters allow. Reports the
-final validation cross-entropy (plain, whatever the training loss) over fixed validation
-windows, its mean and spread over the seeds, its paired difference from no switch, and
-training tokens/s. Writes bench/out/ablation.md and bench/out/ablation.png.
+Every run is `cllm train` itself, a subprocess ([sys.executable, "-m", "cllm", "train", ...]),
+so the ablation measures what users get: the trainer's tokenizer, sampler (random windows
+drawn from the run's seed), learning-rate schedule, gradient clipping and final evaluation.
+The flags of every run:
 
-Then measures the training speed of each setting apart from the runs, which share the machine
-with whatever else runs on it: the median step time of each setting, the settings taking turns
-so that they share any contention alike. And it times attention alone, forward and backward,
-Ulam (radius 2) against dense at T = 1024 and 4096: the attention layer kernels on one
-sequence (C=128, H=4), and a one-layer model's training step, both single-threaded. Both go to
-bench/out/timing.md.
+    -d CORPUS --tokenizer bpe -v 4000 -s 256 -l 4 -e 256 -H 8 -b 8 -r 1e-3 --min-lr 1e-4
+    --warmup 10 --val-fraction 0.1 --eval-every 0 --checkpoint-every 1000000
+    --seed SEED -t THREADS --max-steps STEPS --init I --position P --attention A --loss L
+
+(byte-level BPE of about 4,000 tokens trained on the corpus, T = 256, 4 layers x 256 wide with
+8 heads, batch 8). The corpora, copied into folders of their own under the runs folder:
+Tiny Shakespeare (../shared/data/tinyshakespeare.txt), and a deterministic ~1.5 MB subset of
+the installed standard library's *.py files (sysconfig's "stdlib" path without
+site-packages, dist-packages, test, tests, idle_test and __pycache__): every k-th file in
+sorted path order, k = total size // 1.5 MB, so that it spreads over the whole tree, until
+1.5 MB is reached.
+
+The settings: "none" (GPT-2: --init normal --position learned --attention dense --loss ce),
+each switch alone on top of it ("lattice", "angular", "ulam", "crystalline"), and "defaults"
+(angular and Ulam, the package's defaults). 'none' is always run: the differences are taken
+against it, paired by seed (the same seed gives every setting the same batches, and the same
+starting weights where its parameters allow).
+
+1. Equal steps: every setting trains --steps steps, once per seed, the settings taking turns
+   within each seed. The number compared is the plain validation cross-entropy over the whole
+   validation split at the end: the `final_val_loss` record of metrics.jsonl (its
+   `final_val_ce` with --loss crystalline, whose final_val_loss is the training loss).
+2. Equal time: each setting's training speed is the median of the per-step tokens/s of its
+   equal-step runs (metrics.jsonl, step 1 left out; the settings took turns, so they shared
+   the machine's contention alike). A setting whose speed is within 3% of none's reuses its
+   equal-step runs; any other trains round(steps * speed / none's speed) steps, once per
+   seed, so that it gets the training time none had.
+
+Per corpus, bench/out/ablation.md gets two tables (equal steps, equal time): the final
+validation CE as mean ± std over the seeds, the paired difference from none as mean ± std, the
+per-seed values and tokens/s; bench/out/ablation.png plots the training curves and the paired
+differences. The report is rewritten after each corpus. Each run lives in
+RUNS/CORPUS/SETTING_seedN_STEPSsteps/: train.log (the trainer's output), metrics.jsonl,
+stats.json and result.json; the trainer's checkpoint folder (model, dataset, tokenizer) is
+deleted once read. A run whose result.json holds the same flags is reused, so an interrupted
+ablation continues where it stopped. A run that fails or exceeds its timeout stops the
+ablation with the end of its log.
+
+Then (unless --no-timing) it times attention alone, forward and backward, Ulam (radius 2)
+against dense at T = 1024 and 4096, through the attention kernels of cllm._core on one
+sequence (C=128, H=4, one thread), into bench/out/timing.md.
+
+Run one training process at a time (the default) and give the machine's other cores to
+whatever else runs there; --threads is passed to `cllm train -t`.
 """
 from __future__ import annotations
 
 import argparse
-import math
+import hashlib
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import sysconfig
+import textwrap
 import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine_line, median_seconds  # noqa: E402
 
-from cllm import Model, ModelConfig, _core, crystal  # noqa: E402
-from cllm.config import GPT2_SWITCHES  # noqa: E402
-from cllm.threads import blas_single_threaded  # noqa: E402
-from cllm.optim import AdamW, clip_scale, grad_norm  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 OUT = ROOT / "bench" / "out"
+RUNS = OUT / "ablation_runs"
 
-MODEL = dict(n_ctx=64, n_embd=128, n_layer=4, n_head=4)
-B, T = 12, 64
-LR, MIN_LR, WARMUP_FRACTION = 1e-3, 1e-4, 0.05
-EVAL_BATCHES, CURVE_POINTS, CURVE_BATCHES = 100, 5, 10
+VOCAB, SEQ_LEN, LAYERS, EMBED, HEADS, BATCH = 4000, 256, 4, 256, 8, 8
+MODEL_FLAGS = ["--tokenizer", "bpe", "-v", str(VOCAB), "-s", str(SEQ_LEN), "-l", str(LAYERS),
+               "-e", str(EMBED), "-H", str(HEADS)]
+TRAIN_FLAGS = ["-b", str(BATCH), "-r", "1e-3", "--min-lr", "1e-4", "--warmup", "10",
+               "--val-fraction", "0.1", "--eval-every", "0", "--checkpoint-every", "1000000"]
+STDLIB_BYTES = 1_500_000
+SAME_SPEED = 0.03   # settings this close to none's speed reuse their equal-step runs
 
-SETTINGS = {
-    "none": GPT2_SWITCHES,
-    "lattice": {**GPT2_SWITCHES, "init": "lattice"},
-    "angular": {**GPT2_SWITCHES, "position": "angular"},
-    "ulam": {**GPT2_SWITCHES, "attention": "ulam"},
-    "crystalline": {**GPT2_SWITCHES, "loss": "crystalline"},
-    "all four": dict(init="lattice", position="angular", attention="ulam", loss="crystalline"),
-    "defaults": dict(init="normal", position="angular", attention="ulam", loss="ce"),
+GPT2 = dict(init="normal", position="learned", attention="dense", loss="ce")
+SETTINGS = {   # in the order of the report
+    "none": GPT2,
+    "lattice": {**GPT2, "init": "lattice"},
+    "angular": {**GPT2, "position": "angular"},
+    "ulam": {**GPT2, "attention": "ulam"},
+    "crystalline": {**GPT2, "loss": "crystalline"},
+    "defaults": {**GPT2, "position": "angular", "attention": "ulam"},
 }
+PRIORITY = ["none", "angular", "ulam", "defaults", "lattice", "crystalline"]
+CORPORA = {"shakespeare": "Tiny Shakespeare", "stdlib": "Python standard library"}
 
 
-def load_tokens(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """(train ids, validation ids, vocabulary size): characters, the first 90% for training."""
-    text = path.read_text(encoding="utf-8")
-    chars = sorted(set(text))
-    table = {c: i for i, c in enumerate(chars)}
-    ids = np.array([table[c] for c in text], dtype=np.int64)
-    split = int(0.9 * len(ids))
-    return ids[:split], ids[split:], len(chars)
+# ---- the corpora ----
+
+def shakespeare_corpus(runs: Path) -> tuple[Path, str]:
+    folder = runs / "corpora" / "shakespeare"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / SHAKESPEARE.name
+    if not target.exists() or target.read_bytes() != SHAKESPEARE.read_bytes():
+        shutil.copyfile(SHAKESPEARE, target)
+    return folder, f"{SHAKESPEARE.name}, {target.stat().st_size / 1e6:.2f} MB"
 
 
-def windows(ids: np.ndarray, rng: np.random.Generator, batch: int) -> tuple[np.ndarray, np.ndarray]:
-    """`batch` random windows of T tokens and their next-token targets."""
-    starts = rng.integers(0, len(ids) - T - 1, batch)
-    x = np.stack([ids[s:s + T] for s in starts])
-    y = np.stack([ids[s + 1:s + T + 1] for s in starts])
-    return x, y
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The standard library's *.py files, without tests and installed packages, in sorted
+    order of their paths below the stdlib folder."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    excluded = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in excluded)
+        files += [Path(folder) / name for name in names if name.endswith(".py")]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def learning_rate(step: int, steps: int) -> float:
-    warmup = max(1, int(WARMUP_FRACTION * steps))
-    if step < warmup:
-        return LR * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return MIN_LR + 0.5 * (LR - MIN_LR) * (1 + math.cos(math.pi * progress))
+def stdlib_corpus(runs: Path) -> tuple[Path, str]:
+    """Every k-th file, k = total size // STDLIB_BYTES, until STDLIB_BYTES: a deterministic
+    subset spread over the whole tree, copied (with its relative paths) into a folder."""
+    root, files = stdlib_files()
+    total = sum(p.stat().st_size for p in files)
+    stride = max(1, total // STDLIB_BYTES)
+    chosen, size = [], 0
+    for path in files[::stride]:
+        if size >= STDLIB_BYTES:
+            break
+        chosen.append(path)
+        size += path.stat().st_size
+    folder = runs / "corpora" / "stdlib"
+    if folder.exists():
+        shutil.rmtree(folder)
+    for path in chosen:
+        target = folder / path.relative_to(root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return folder, (f"{len(chosen)} of the {len(files)} *.py files of {root} (every "
+                    f"{stride}th in sorted path order), {size / 1e6:.2f} MB")
 
 
-def validation_ce(model: Model, batches, threads: int) -> float:
-    return statistics.fmean(model.cross_entropy(x, y, threads=threads) for x, y in batches)
+# ---- one run of cllm train ----
+
+def switch_flags(setting: str) -> list[str]:
+    return [arg for name, value in SETTINGS[setting].items() for arg in (f"--{name}", value)]
 
 
-def train(setting: dict, seed: int, vocab_size: int, train_ids, val_batches, steps: int,
-          threads: int) -> dict:
-    model = Model.create(ModelConfig(vocab_size=vocab_size, **MODEL, **setting), seed=seed)
-    opt = AdamW(model, lr=LR, betas=(0.9, 0.99), weight_decay=0.1)
-    rng = np.random.default_rng(seed)
-    curve_every = max(1, steps // CURVE_POINTS)
-    curve, train_seconds = [], 0.0
-    for step in range(steps):
-        x, y = windows(train_ids, rng, B)
-        start = time.perf_counter()
-        model.loss_and_grads(x, y, threads=threads)
-        scale = clip_scale(grad_norm(model.grad_flat, threads), 1.0)
-        opt.step(model.grad_flat, lr=learning_rate(step, steps), grad_scale=scale,
-                 threads=threads)
-        train_seconds += time.perf_counter() - start
-        if (step + 1) % curve_every == 0 and step + 1 < steps:
-            curve.append((step + 1, validation_ce(model, val_batches[:CURVE_BATCHES], threads)))
-    final = validation_ce(model, val_batches, threads)
-    curve.append((steps, final))
-    return dict(val_ce=final, train_ce=model.last_ce, curve=curve,
-                tokens_per_s=steps * B * T / train_seconds)
+def run_flags(setting: str, seed: int, steps: int, threads: int) -> list[str]:
+    return [*MODEL_FLAGS, *TRAIN_FLAGS, "--max-steps", str(steps), "--seed", str(seed),
+            "-t", str(threads), *switch_flags(setting)]
 
 
-def summarise(results: dict[str, list[dict]]) -> list[dict]:
-    rows = []
-    none = [r["val_ce"] for r in results["none"]]
-    for name, runs in results.items():
+def child_env(threads: int) -> dict:
+    """The trainer limits its own threads with -t; these keep the libraries it loads (BLAS,
+    the tokenizer's Rust pool) to the same count."""
+    n = str(max(1, threads))
+    return dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n,
+                RAYON_NUM_THREADS=n, RAYON_RS_NUM_CPUS=n)
+
+
+def run_timeout(steps: int) -> float:
+    """Seconds a run may take: generous (about 4 times the 1.5 s per step of the slowest
+    setting on one thread, plus the phases around training)."""
+    return 600 + 6 * steps
+
+
+def train_run(corpus: str, data: Path, setting: str, seed: int, steps: int, threads: int,
+              runs: Path) -> dict:
+    folder = runs / corpus / f"{setting}_seed{seed}_{steps}steps"
+    flags = run_flags(setting, seed, steps, threads)
+    result_path = folder / "result.json"
+    if result_path.exists():
+        result = json.loads(result_path.read_text())
+        if result.get("flags") == flags and result.get("data") == str(data):
+            print(f"  {corpus} {setting} seed {seed} {steps} steps: reusing {result_path}",
+                  flush=True)
+            return result
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    checkpoint, log_path = folder / "checkpoint", folder / "train.log"
+    command = [sys.executable, "-m", "cllm", "train", "-d", str(data), "-c", str(checkpoint),
+               *flags]
+    start = time.time()
+    with open(log_path, "w") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        try:
+            done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
+                                  env=child_env(threads), timeout=run_timeout(steps))
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{corpus} {setting} seed {seed}: cllm train ran past its "
+                               f"timeout of {run_timeout(steps):.0f} s; its log: {log_path}"
+                               f"\n{_tail(log_path)}") from None
+    if done.returncode != 0:
+        raise RuntimeError(f"{corpus} {setting} seed {seed}: cllm train exited with "
+                           f"{done.returncode}; its log: {log_path}\n{_tail(log_path)}")
+    result = read_run(checkpoint, steps, setting)
+    result.update(corpus=corpus, setting=setting, seed=seed, flags=flags, data=str(data),
+                  wall_s=round(time.time() - start, 1))
+    for name in ("metrics.jsonl", "stats.json"):
+        shutil.copyfile(checkpoint / name, folder / name)
+    shutil.rmtree(checkpoint)
+    result_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"  {corpus} {setting} seed {seed} {steps} steps: validation CE "
+          f"{result['val_ce']:.4f}, {result['tokens_per_s']:.0f} tokens/s (median step), "
+          f"{result['wall_s']:.0f} s", flush=True)
+    return result
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """The last lines of a log, the progress bars' carriage returns made into line ends."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def read_run(checkpoint: Path, steps: int, setting: str) -> dict:
+    """What the ablation needs from a finished run's metrics.jsonl, stats.json and
+    tokenizer.json."""
+    records = [json.loads(line) for line in
+               (checkpoint / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    finals = [r for r in records if "final_val_loss" in r]
+    if not finals:
+        raise RuntimeError(f"{checkpoint}/metrics.jsonl has no final_val_loss record")
+    final = finals[-1]
+    crystalline = SETTINGS[setting]["loss"] == "crystalline"
+    if crystalline and "final_val_ce" not in final:
+        raise RuntimeError(f"{checkpoint}/metrics.jsonl: the crystalline loss's final record "
+                           f"has no final_val_ce")
+    train_steps = [r for r in records if "tokens_per_s" in r]
+    stats = json.loads((checkpoint / "stats.json").read_text())
+    if stats["steps"] != steps or len(train_steps) != steps:
+        raise RuntimeError(f"{checkpoint}: {stats['steps']} steps trained, {steps} asked for")
+    rates = [r["tokens_per_s"] for r in train_steps if r["step"] > 1]
+    return dict(
+        val_ce=final["final_val_ce"] if crystalline else final["final_val_loss"],
+        val_loss=final["final_val_loss"], val_tokens=final["val_tokens"], steps=steps,
+        step_rates=rates, tokens_per_s=statistics.median(rates),
+        train_time_s=stats["train_time_s"], stats_tokens_per_s=stats["tokens_per_s"],
+        train_ce=[r.get("ce", r["loss"]) for r in train_steps],
+        parameters=stats["parameters"],
+        tokenizer_sha256=hashlib.sha256((checkpoint / "tokenizer.json").read_bytes())
+        .hexdigest()[:16])
+
+
+# ---- the ablation of one corpus ----
+
+def ablate(corpus: str, settings: list[str], seeds: int, steps: int, threads: int,
+           runs: Path) -> dict:
+    data, description = (shakespeare_corpus if corpus == "shakespeare" else stdlib_corpus)(runs)
+    print(f"{CORPORA[corpus]}: {description}", flush=True)
+    order = [name for name in PRIORITY if name in settings]
+    equal_steps = {name: [] for name in order}
+    for seed in range(seeds):
+        for name in order:
+            equal_steps[name].append(train_run(corpus, data, name, seed, steps, threads, runs))
+    speed = {name: speed_of(equal_steps[name]) for name in order}
+    equal_time_steps = {}
+    for name in order:
+        ratio = speed[name] / speed["none"]
+        equal_time_steps[name] = steps if abs(ratio - 1) <= SAME_SPEED else max(
+            1, round(steps * ratio))
+    # within SAME_SPEED of none, or a speed that rounds to the same step count
+    equal_time = {name: equal_steps[name] for name in order if equal_time_steps[name] == steps}
+    extra = [name for name in order if name not in equal_time]
+    print(f"  speeds (tokens/s): " + ", ".join(f"{n} {speed[n]:.0f}" for n in order)
+          + "; equal-time steps: " + ", ".join(f"{n} {equal_time_steps[n]}" for n in order),
+          flush=True)
+    for name in extra:
+        equal_time[name] = []
+    for seed in range(seeds):
+        for name in extra:
+            equal_time[name].append(train_run(corpus, data, name, seed,
+                                              equal_time_steps[name], threads, runs))
+    hashes = {r["tokenizer_sha256"] for runs_ in equal_steps.values() for r in runs_}
+    val_tokens = {r["val_tokens"] for runs_ in equal_steps.values() for r in runs_}
+    return dict(corpus=corpus, description=description, settings=order, speed=speed,
+                equal_steps=equal_steps, equal_time=equal_time,
+                equal_time_steps=equal_time_steps, tokenizers=sorted(hashes),
+                val_tokens=sorted(val_tokens),
+                parameters={n: equal_steps[n][0]["parameters"] for n in order})
+
+
+def speed_of(runs: list[dict]) -> float:
+    """Training tokens/s of a setting: the median step over all its runs (step 1 left out)."""
+    return statistics.median(rate for r in runs for rate in r["step_rates"])
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def rows(result: dict, which: str) -> list[dict]:
+    none = [r["val_ce"] for r in result["equal_steps"]["none"]]
+    out = []
+    for name in [n for n in SETTINGS if n in result["settings"]]:
+        runs = result[which][name]
         ce = [r["val_ce"] for r in runs]
-        diff = [a - b for a, b in zip(ce, none)]
-        rows.append(dict(
-            name=name, mean=statistics.fmean(ce),
-            std=statistics.stdev(ce) if len(ce) > 1 else 0.0,
-            diff=statistics.fmean(diff),
-            diff_std=statistics.stdev(diff) if len(diff) > 1 else 0.0,
-            seeds=ce, tokens_per_s=statistics.fmean(r["tokens_per_s"] for r in runs)))
-    return rows
+        mean, std = _mean_std(ce)
+        diff, diff_std = _mean_std([a - b for a, b in zip(ce, none)])
+        ratio = result["speed"][name] / result["speed"]["none"]
+        if name == "none":
+            note = "the baseline"
+        elif which == "equal_time" and runs is result["equal_steps"][name]:
+            why = (f"within {100 * SAME_SPEED:.0f}%" if abs(ratio - 1) <= SAME_SPEED
+                   else "the same step count once rounded")
+            note = (f"equal-step runs reused (speed {100 * (ratio - 1):+.1f}% from none's: "
+                    f"{why})")
+        elif which == "equal_time":
+            note = f"own runs (speed {100 * (ratio - 1):+.1f}% from none's)"
+        else:
+            note = ""
+        out.append(dict(name=name, steps=runs[0]["steps"], mean=mean, std=std, diff=diff,
+                        diff_std=diff_std, seeds=ce, note=note,
+                        tokens_per_s=speed_of(runs), verdict=verdict(name, diff, diff_std)))
+    return out
 
 
-def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| setting | validation CE, mean ± std | minus none (paired), mean ± std | "
-             "per seed | tokens/s |",
-             "| --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['mean']:.4f} ± {r['std']:.4f} | "
-                     f"{r['diff']:+.4f} ± {r['diff_std']:.4f} | "
-                     f"{', '.join(f'{v:.4f}' for v in r['seeds'])} | {r['tokens_per_s']:.0f} |")
+def verdict(name: str, diff: float, spread: float) -> str:
+    if name == "none":
+        return ""
+    if diff > spread:
+        return "loses"
+    if diff < -spread:
+        return "wins"
+    return "within spread"
+
+
+def table(result: dict, which: str) -> str:
+    lines = ["| setting | steps | validation CE, mean ± std | minus none (paired), mean ± std "
+             "| verdict | per seed | tokens/s | runs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows(result, which):
+        lines.append(f"| {r['name']} | {r['steps']} | {r['mean']:.4f} ± {r['std']:.4f} | "
+                     + (f"{r['diff']:+.4f} ± {r['diff_std']:.4f}" if r["name"] != "none"
+                        else "0") + f" | {r['verdict']} | "
+                     f"{', '.join(f'{v:.4f}' for v in r['seeds'])} | "
+                     f"{r['tokens_per_s']:.0f} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
-def plot(results: dict[str, list[dict]], rows: list[dict], path: Path, title: str) -> None:
+def markdown(results: list[dict], header: str) -> str:
+    parts = ["# Ablation of the crystalline switches through `cllm train`, BPE scale", "",
+             header, "",
+             "Validation CE: the plain cross-entropy (nats per token) over the whole "
+             "validation split at the end of training (metrics.jsonl's final record: "
+             "final_val_ce with the crystalline loss, final_val_loss otherwise). Minus none: "
+             "the setting's value minus none's, seed by seed (equal time: against none's "
+             "equal-step runs), mean ± std over the seeds. Verdict: loses where that "
+             "difference is above zero by more than its std, wins where below by more, "
+             "within spread otherwise. tokens/s: the median training step of the runs, "
+             "step 1 left out. Equal time: each setting trains round(steps x its speed / "
+             "none's speed) steps, the training time none had; settings within "
+             f"{100 * SAME_SPEED:.0f}% of none's speed reuse their equal-step runs.", ""]
+    for result in results:
+        steps = result["equal_steps"]["none"][0]["steps"]
+        parts += [f"## {CORPORA[result['corpus']]}", "",
+                  f"{result['description']}; BPE vocabulary, validation tokens and tokenizer "
+                  f"hash: {len(result['tokenizers'])} tokenizer(s) "
+                  f"({', '.join(result['tokenizers'])}), {', '.join(map(str, result['val_tokens']))}"
+                  f" validation tokens; parameters: "
+                  + ", ".join(f"{n} {p:,}" for n, p in result["parameters"].items()), "",
+                  f"### Equal steps ({steps} steps of {BATCH} x {SEQ_LEN} tokens)", "",
+                  table(result, "equal_steps"),
+                  "### Equal time (the training time none takes for its steps)", "",
+                  table(result, "equal_time")]
+    return "\n".join(parts)
+
+
+def plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name, runs in results.items():
-        steps = [s for s, _ in runs[0]["curve"]]
-        mean = [statistics.fmean(r["curve"][i][1] for r in runs) for i in range(len(steps))]
-        curves.plot(steps, mean, marker="o", label=name)
-    curves.set_xlabel("step")
-    curves.set_ylabel("validation cross-entropy (mean over seeds)")
-    curves.legend()
-    curves.grid(alpha=0.3)
-    names = [r["name"] for r in rows]
-    bars.bar(names, [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=4,
-             color="tab:blue")
-    low = min(r["mean"] - r["std"] for r in rows)
-    high = max(r["mean"] + r["std"] for r in rows)
-    bars.set_ylim(low - 0.5 * (high - low) - 0.01, high + 0.2 * (high - low) + 0.01)
-    bars.set_ylabel("final validation cross-entropy")
-    bars.tick_params(axis="x", rotation=20)
-    fig.suptitle(title, fontsize=9)
+    import numpy as np
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.5 * len(results)), squeeze=False)
+    for (curves, bars), result in zip(axes, results):
+        name_of = CORPORA[result["corpus"]]
+        for name in [n for n in SETTINGS if n in result["settings"]]:
+            runs = result["equal_steps"][name]
+            mean = np.mean([r["train_ce"] for r in runs], axis=0)
+            window = max(1, len(mean) // 10)
+            smooth = np.convolve(mean, np.ones(window) / window, mode="valid")
+            curves.plot(np.arange(window, len(mean) + 1), smooth, label=name)
+        curves.set_title(f"{name_of}: training cross-entropy (mean over seeds, "
+                         f"moving average)", fontsize=9)
+        curves.set_xlabel("step")
+        curves.set_ylabel("cross-entropy")
+        curves.grid(alpha=0.3)
+        curves.legend(fontsize=8)
+        names = [r["name"] for r in rows(result, "equal_steps") if r["name"] != "none"]
+        x = np.arange(len(names))
+        for offset, which, label in ((-0.2, "equal_steps", "equal steps"),
+                                     (0.2, "equal_time", "equal time")):
+            rs = [r for r in rows(result, which) if r["name"] != "none"]
+            bars.bar(x + offset, [r["diff"] for r in rs], 0.4,
+                     yerr=[r["diff_std"] for r in rs], capsize=4, label=label)
+        bars.axhline(0, color="black", linewidth=0.8)
+        bars.set_xticks(x, names)
+        bars.set_ylabel("final validation CE minus none's (paired, mean ± std)")
+        bars.set_title(f"{name_of}: difference from none (below 0: better)", fontsize=9)
+        bars.grid(alpha=0.3, axis="y")
+        bars.legend(fontsize=8)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-def ablation(steps: int, seeds: int, threads: int, data: Path, settings: list[str]) -> None:
-    train_ids, val_ids, vocab_size = load_tokens(data)
-    val_rng = np.random.default_rng(1_000_003)
-    val_batches = [windows(val_ids, val_rng, B) for _ in range(EVAL_BATCHES)]
-    load = os.getloadavg()
-    results: dict[str, list[dict]] = {name: [] for name in settings}
-    start = time.time()
-    for seed in range(seeds):
-        for name in settings:
-            r = train(SETTINGS[name], seed, vocab_size, train_ids, val_batches, steps, threads)
-            results[name].append(r)
-            print(f"seed {seed} {name:12s} val CE {r['val_ce']:.4f} "
-                  f"({r['tokens_per_s']:.0f} tokens/s, {time.time() - start:.0f} s so far)",
-                  flush=True)
-    rows = summarise(results)
-    header = (f"{steps} steps of B={B} x T={T} characters, C={MODEL['n_embd']} "
-              f"L={MODEL['n_layer']} H={MODEL['n_head']}, {seeds} seeds, {threads} threads; "
-              f"{machine_line()}; load average before {load[0]:.2f}, after "
-              f"{os.getloadavg()[0]:.2f}; {time.time() - start:.0f} s in all")
-    OUT.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, header)
-    (OUT / "ablation.md").write_text(table)
-    plot(results, rows, OUT / "ablation.png", header)
-    print(table)
+# ---- attention kernels alone ----
 
-
-def throughput(vocab_size: int, threads: int, rounds=5, steps=20) -> str:
-    """Training tokens/s of each setting from its median step time; the settings take turns,
-    `steps` steps each per round."""
+def attention_timing(lengths=(1024, 4096), C=128, H=4, radius=2, repeats=3) -> str:
+    import numpy as np
+    from cllm import _core, crystal
+    from threadpoolctl import threadpool_limits
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, vocab_size, 100_000)
-    runs = {}
-    for name, setting in SETTINGS.items():
-        model = Model.create(ModelConfig(vocab_size=vocab_size, **MODEL, **setting))
-        runs[name] = (model, AdamW(model, lr=LR, betas=(0.9, 0.99), weight_decay=0.1), [])
-    for _ in range(rounds):
-        for name, (model, opt, seconds) in runs.items():
-            for _ in range(steps):
-                x, y = windows(ids, rng, B)
-                start = time.perf_counter()
-                model.loss_and_grads(x, y, threads=threads)
-                scale = clip_scale(grad_norm(model.grad_flat, threads), 1.0)
-                opt.step(model.grad_flat, grad_scale=scale, threads=threads)
-                seconds.append(time.perf_counter() - start)
-    lines = [f"Training speed, median of {(rounds - 1) * steps} steps per setting taken in turns "
-             f"after a round of warm-up, "
-             f"{threads} threads; {machine_line()}; load average {os.getloadavg()[0]:.2f}", "",
-             "| setting | ms/step | tokens/s |", "| --- | --- | --- |"]
-    for name, (_, _, seconds) in runs.items():
-        median = statistics.median(seconds[steps:])   # the first round warms up
-        lines.append(f"| {name} | {1e3 * median:.1f} | {B * T / median:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
-def attention_timing(vocab_size: int, lengths=(1024, 4096), C=128, H=4, radius=2,
-                     repeats=3) -> str:
-    rng = np.random.default_rng(0)
-    lines = [f"Attention alone, forward + backward, one sequence, C={C} H={H}, Ulam radius "
-             f"{radius}, one thread; {machine_line()}; load average {os.getloadavg()[0]:.2f}",
-             "", "| T | dense kernels | Ulam kernels | dense 1-layer model step | "
-             "Ulam 1-layer model step |", "| --- | --- | --- | --- | --- |"]
-    for T_ in lengths:
-        qkv = rng.standard_normal((1, T_, 3 * C), dtype=np.float32)
-        dy = rng.standard_normal((1, T_, C), dtype=np.float32)
-        start, keys = crystal.ulam_neighbours(T_, radius)
+    lines = [f"Attention alone (the kernels of cllm._core), forward + backward, one sequence, "
+             f"C={C} H={H}, Ulam radius {radius}, one thread; {machine_line()}; load average "
+             f"{os.getloadavg()[0]:.2f}", "",
+             "| T | dense kernels | Ulam kernels | dense / Ulam |", "| --- | --- | --- | --- |"]
+    for T in lengths:
+        qkv = rng.standard_normal((1, T, 3 * C), dtype=np.float32)
+        dy = rng.standard_normal((1, T, C), dtype=np.float32)
+        start, keys = crystal.ulam_neighbours(T, radius)
 
         def dense():
             _, att = _core.layer_attention(qkv, H)
@@ -241,42 +437,71 @@ def attention_timing(vocab_size: int, lengths=(1024, 4096), C=128, H=4, radius=2
             _, att = _core.layer_ulam_attention(qkv, H, start, keys)
             _core.layer_ulam_attention_backward(dy, att, qkv, start, keys)
 
-        def model_step(attention):
-            model = Model.create(ModelConfig(vocab_size=vocab_size, n_ctx=T_, n_embd=C,
-                                             n_layer=1, n_head=H, ulam_radius=radius,
-                                             **{**GPT2_SWITCHES, "attention": attention}))
-            x = rng.integers(0, vocab_size, (1, T_))
-            return lambda: model.loss_and_grads(x, x, spheres=1, threads=1)
-
-        with blas_single_threaded():
-            times = [median_seconds(dense, repeats), median_seconds(ulam, repeats),
-                     median_seconds(model_step("dense"), repeats),
-                     median_seconds(model_step("ulam"), repeats)]
-        lines.append(f"| {T_} | " + " | ".join(f"{1e3 * s:.1f} ms" for s in times) + " |")
+        with threadpool_limits(1):
+            times = [median_seconds(dense, repeats), median_seconds(ulam, repeats)]
+        lines.append(f"| {T} | {1e3 * times[0]:.1f} ms | {1e3 * times[1]:.1f} ms | "
+                     f"{times[0] / times[1]:.1f} |")
         print(lines[-1], flush=True)
     return "\n".join(lines) + "\n"
 
 
+def cllm_location(threads: int) -> str:
+    """Where the trainer's subprocesses import cllm from."""
+    return subprocess.run([sys.executable, "-c", "import cllm; print(cllm.__file__)"],
+                          stdout=subprocess.PIPE, text=True, check=True, cwd="/",
+                          env=child_env(threads)).stdout.strip()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--steps", type=int, default=100,
+                    help="training steps of every setting at equal steps (default: 100)")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default: 3)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads of each training run, `cllm train -t` (default: 1)")
     ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
-                    metavar="NAME", help="the settings to train ('none' is always included: "
-                    "the differences are taken against it); default: all of them")
+                    metavar="NAME", help="the settings to train, of "
+                    f"{', '.join(SETTINGS)} ('none' is always included: the differences are "
+                    "taken against it); default: all of them")
+    ap.add_argument("--corpus", choices=("shakespeare", "stdlib", "both"), default="both")
+    ap.add_argument("--runs", type=Path, default=RUNS,
+                    help=f"folder of the runs and corpora (default: {RUNS.relative_to(ROOT)})")
+    ap.add_argument("--out", type=Path, default=OUT,
+                    help=f"folder of ablation.md, ablation.png and timing.md (default: "
+                         f"{OUT.relative_to(ROOT)})")
+    ap.add_argument("--no-timing", action="store_true", help="skip the attention timing")
     ap.add_argument("--timing-only", action="store_true",
-                    help="skip the training runs: training speed and attention timing only")
+                    help="skip the training runs: the attention timing only")
     args = ap.parse_args()
+    if args.steps < 1 or args.seeds < 1 or args.threads < 0:
+        ap.error("--steps and --seeds must be positive, --threads not negative")
+    args.out.mkdir(parents=True, exist_ok=True)
     if not args.timing_only:
+        runs = args.runs.resolve()
+        runs.mkdir(parents=True, exist_ok=True)
         settings = ["none"] + [name for name in args.settings if name != "none"]
-        ablation(args.steps, args.seeds, args.threads, args.data, settings)
-    OUT.mkdir(parents=True, exist_ok=True)
-    vocab_size = load_tokens(args.data)[2]
-    timing = throughput(vocab_size, args.threads) + "\n" + attention_timing(vocab_size)
-    (OUT / "timing.md").write_text(timing)
-    print(timing)
+        corpora = ["shakespeare", "stdlib"] if args.corpus == "both" else [args.corpus]
+        print(f"cllm train from {cllm_location(args.threads)}", flush=True)
+        load, start, results = os.getloadavg(), time.time(), []
+        for corpus in corpora:
+            results.append(ablate(corpus, settings, args.seeds, args.steps, args.threads, runs))
+            header = (f"{machine_line()}; {args.threads} thread(s) per run "
+                      f"(`-t {args.threads}`), one training process at a time; load average "
+                      f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} now; {args.steps} steps "
+                      f"at equal steps, seeds 0-{args.seeds - 1}; {time.time() - start:.0f} s "
+                      f"of runs. Every run: `python -m cllm train -d CORPUS "
+                      f"{' '.join(MODEL_FLAGS + TRAIN_FLAGS)} --max-steps STEPS --seed SEED "
+                      f"-t {args.threads}` plus the setting's `--init I --position P "
+                      f"--attention A --loss L`")
+            (args.out / "ablation.md").write_text(markdown(results, header))
+            plot(results, args.out / "ablation.png", textwrap.fill(header, 180))
+            print(f"wrote {args.out / 'ablation.md'} and ablation.png ({corpus} done, "
+                  f"{time.time() - start:.0f} s so far)", flush=True)
+        print((args.out / "ablation.md").read_text(), flush=True)
+    if not args.no_timing:
+        timing = attention_timing()
+        (args.out / "timing.md").write_text(timing)
+        print(timing, flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Notation: V vocabulary, C width, H heads, hd = C / H, T length, phi the golden r
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -81,18 +82,29 @@ def rotate_qk_backward(dqkv, angles):
 
 # ---- section 4: Ulam spiral attention ------------------------------------------------------
 
-def ulam(n):  # n >= 1; 1 at (0,0), 2 at (1,0), 3 at (1,1), counter-clockwise
-    if n == 1:
-        return (0, 0)
-    k = (math.isqrt(n - 1) + 1) // 2       # ring k holds (2k-1)^2+1 .. (2k+1)^2
-    o = n - (2 * k - 1) ** 2               # 1 .. 8k along the ring
-    if o <= 2 * k:
-        return (k, -k + o)
-    if o <= 4 * k:
-        return (k - (o - 2 * k), k)
-    if o <= 6 * k:
-        return (-k, k - (o - 4 * k))
-    return (-k + (o - 6 * k), -k)
+def spiral():
+    """u(1), u(2), ...: the square spiral walked one step at a time (rather than by the closed
+    form of CRYSTALLINE.md): 1 at the origin, then straight runs of 1, 1, 2, 2, 3, 3, ...
+    steps, turning counter-clockwise after each run (right, up, left, down), so that 2 is at
+    (1, 0) and 3 at (1, 1)."""
+    x = y = 0
+    yield (x, y)
+    for turn in itertools.count():
+        dx, dy = ((1, 0), (0, 1), (-1, 0), (0, -1))[turn % 4]
+        for _ in range(turn // 2 + 1):
+            x, y = x + dx, y + dy
+            yield (x, y)
+
+
+_WALKER = spiral()
+_WALKED = []   # u(1), u(2), ... as far as walked so far
+
+
+def ulam(n):
+    """u(n), n >= 1."""
+    while len(_WALKED) < n:
+        _WALKED.append(next(_WALKER))
+    return _WALKED[n - 1]
 
 
 def ulam_mask(T, r):
