@@ -67,7 +67,7 @@ def check(config, attn_implementation, rng):
     for name, value in params.items():
         cllm_model.params[name][...] = value
     hf_loss, hf_grads = hf_loss_and_grads(model, config, idx, targets)  # float64 HF
-    loss, grads = cllm_model.loss_and_grads(idx, targets, spheres=2, threads=2)
+    (loss, _), grads = cllm_model.loss_and_grads(idx, targets, spheres=2, threads=2)
     errors["cllm vs HF"] = {
         "logits": relative_error(cllm_model.forward(idx), hf_logits(model, idx)),
         "loss": abs(loss - hf_loss) / hf_loss,

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -31,17 +31,46 @@ def machine_line() -> str:
     return f"{time.strftime('%Y-%m-%d')}, {cpu_model()}, {len(os.sched_getaffinity(0))} cores"
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+REPO = Path(__file__).resolve().parent.parent
 
 
-def run_worker(script: str, *args: str, threads: int) -> dict:
-    """Run `script --worker ...` in a fresh process (its own peak RSS, its own thread pools) and
-    return the JSON object it prints on its last line of output."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    out = subprocess.run([sys.executable, script, "--worker", *args], env=env, check=True,
-                         stdout=subprocess.PIPE, text=True).stdout
+def peak_rss_mb(pid: int | str = "self") -> float:
+    """Peak resident memory (VmHWM) of a running process, this one by default, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def thread_env(threads: int, source: Path = REPO / "src") -> dict:
+    """The environment of a benchmark process: cllm from `source`, and every thread pool
+    (OpenMP, OpenBLAS, MKL) held to `threads`."""
+    n = str(threads)
+    return dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
+                MKL_NUM_THREADS=n)
+
+
+def run_measured(command: list[str], threads: int, cwd: Path = REPO,
+                 source: Path = REPO / "src") -> tuple[float, str, float]:
+    """(wall seconds, stdout, peak RSS in MB) of one process run to its end."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, env=thread_env(threads, source),
+                               stdout=subprocess.PIPE, text=True)
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)  # the resource usage of this child alone
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[:3])}... failed with exit status {status}")
+    return wall, stdout, usage.ru_maxrss / 1024
+
+
+def run_worker(script: str | Path, *args: str, threads: int,
+               source: Path = REPO / "src") -> dict:
+    """Run `script --worker ...` in a fresh process (its own peak RSS, its own thread pools),
+    with cllm from `source`, and return the JSON object it prints on its last line."""
+    _, out, _ = run_measured([sys.executable, str(script), "--worker", *args], threads,
+                             source=source)
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -21,9 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from common import machine_line, peak_rss_mb, thread_env  # noqa: E402
 
 
 def make_corpus(folder: Path, size: int) -> int:
@@ -44,21 +42,12 @@ def make_corpus(folder: Path, size: int) -> int:
     return total
 
 
-def peak_rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
-
-
 def run_phases(corpus: Path, out: Path, tokenizer: str, threads: int) -> dict:
     """Seconds from start to the end of each of phases 1-3, and the peak RSS by then."""
     command = [sys.executable, "-m", "cllm", "train", "-d", str(corpus), "-c", str(out),
                "--tokenizer", tokenizer, "-e", "16", "-l", "1", "-H", "2", "-t", str(threads)]
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+    process = subprocess.Popen(command, env=thread_env(threads), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     marks = {}
     for line in process.stdout:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -19,7 +17,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SEED_CONFIG, machine_line, peak_rss_mb, run_worker  # noqa: E402
+from common import SEED_CONFIG, machine_line, peak_rss_mb, run_measured, run_worker  # noqa: E402
 
 PROMPT_TOKENS = 16
 
@@ -65,12 +63,12 @@ def save_seed_model_with_tokenizer(path: str) -> None:
 
 
 def infer_worker(args) -> dict:
-    """Peak RSS (MB) of `python -m cllm infer` on args.model. It is this small worker's only
-    child, so the children's peak is its own, not that of a large parent it was forked from."""
-    subprocess.run([sys.executable, "-m", "cllm", "infer", "-m", args.model, "-p", "def main(",
-                    "-n", str(args.tokens), "--threads", str(args.threads)], check=True,
-                   stdout=subprocess.DEVNULL)
-    return dict(rss_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    """Peak RSS (MB) of `python -m cllm infer` on args.model, from a small worker so that the
+    process starts from nothing large."""
+    _, _, rss = run_measured([sys.executable, "-m", "cllm", "infer", "-m", args.model, "-p",
+                              "def main(", "-n", str(args.tokens), "--threads",
+                              str(args.threads)], args.threads)
+    return dict(rss_mb=rss)
 
 
 WORKERS = {"cllm": lambda args: cllm_worker(args.threads, args.tokens),

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from common import median_seconds
 
 # Hugging Face's own default on CPU, i.e. what a plain PyTorch user gets; the alternative is
-# "eager" (explicit matmul + softmax), which bench/hf_baseline.py also times for comparison.
+# "eager" (explicit matmul + softmax), which bench/check_hf.py checks as well.
 ATTN_IMPLEMENTATION = "sdpa"
 
 IGNORE_INDEX = -1

@@ -16,18 +16,15 @@ import json
 import os
 import pickle
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line  # noqa: E402
+from common import REPO, machine_line, run_measured  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
@@ -50,26 +47,12 @@ def nanogpt_command(out: Path, steps: int) -> list[str]:
             f"--out_dir={out}"]
 
 
-def timed(command: list[str], cwd: Path, threads: int) -> tuple[float, str, float]:
-    """(wall seconds, stdout, peak RSS in MB) of one process."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS=str(threads),
-               OPENBLAS_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, text=True)
-    stdout = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)  # the resource usage of this child alone
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{command[1]} failed with exit status {status}")
-    return wall, stdout, usage.ru_maxrss / 1024
-
-
 def run_cllm(work: Path, steps: int, threads: int) -> dict:
     data = work / "cllm_data"
     data.mkdir()
     (data / CORPUS.name).symlink_to(CORPUS)
     out = work / "cllm_out"
-    wall, _, rss = timed(cllm_command(data, out, steps, threads), REPO, threads)
+    wall, _, rss = run_measured(cllm_command(data, out, steps, threads), threads)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stats = json.loads((out / "stats.json").read_text())
     last_eval = [r for r in records if "val_loss" in r][-1]
@@ -94,7 +77,8 @@ def prepare_nanogpt_data(nanogpt: Path) -> None:
 
 def run_nanogpt(nanogpt: Path, work: Path, steps: int, threads: int) -> dict:
     prepare_nanogpt_data(nanogpt)
-    wall, stdout, rss = timed(nanogpt_command(work / "nanogpt_out", steps), nanogpt, threads)
+    wall, stdout, rss = run_measured(nanogpt_command(work / "nanogpt_out", steps), threads,
+                                     cwd=nanogpt)
     evals = re.findall(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", stdout)
     times = [float(t) for t in re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", stdout)]
     step, val_loss = evals[-1]

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from cllm import Model, ModelConfig, _core
+from cllm import Model, ModelConfig
 from cllm.generate import sample
 from cllm.tokenizer import train_char
 

@@ -82,28 +82,31 @@ cdef struct Dims:
 
 
 cdef struct Acts:
-    # Saved activations of up to nb sequences of length T (N = nb * T rows).
+    # Saved activations of up to nb sequences of length T (N = nb * T rows). The outputs of
+    # the layer LayerNorms and of GELU are not kept: the backward recomputes them (the same
+    # bits) from the inputs, which are.
     float *x0         # (N, C) token + position embedding: the residual entering layer 0
-    float *ln1        # (L, N, C)
     float *ln1_mean   # (L, N)
     float *ln1_rstd   # (L, N)
     float *qkv        # (L, N, 3C)
     float *att        # (L, nb, H, T, T) attention probabilities
     float *atty       # (L, N, C) attention output before the projection
     float *res2       # (L, N, C) residual after attention
-    float *ln2        # (L, N, C)
     float *ln2_mean   # (L, N)
     float *ln2_rstd   # (L, N)
     float *fch        # (L, N, F) before GELU
-    float *fch_gelu   # (L, N, F)
     float *res3       # (L, N, C) residual after the MLP: the layer's output
     float *lnf        # (N, C)
     float *lnf_mean   # (N)
     float *lnf_rstd   # (N)
-    float *logits     # (N, V) logits, then d loss / d logits
-    # backward scratch, reused by every layer
-    float *dres       # (N, C) gradient of the residual stream
     float *dln        # (N, C) gradient of a LayerNorm output
+    # The logits (N, V), then d loss / d logits, share one region with the scratch rows that
+    # are dead while they live: those of one layer's forward (before the head) and those of
+    # the backward (after it).
+    float *logits
+    float *ln         # (N, C) one LayerNorm's output
+    float *gelu       # (N, F) one GELU's output
+    float *dres       # (N, C) gradient of the residual stream
     float *datty      # (N, C)
     float *dqkv       # (N, 3C)
     float *dfch       # (N, F)
@@ -455,12 +458,12 @@ cdef void crystalline_target_row(float *q, int y, int V, const int32_t *ulam_xy)
     cllm_row_scale(q, V, <float>(1.0 / total))
 
 
-cdef double crossentropy_forward_backward(float *logits, double *ce, const int64_t *targets,
-                                          int N, int V, const float *q_rows,
-                                          const int32_t *q_row_of, float alpha, float dscale,
-                                          bint backward) noexcept nogil:
-    """Sum over rows with target != -1 of the training loss; the plain cross-entropy sum goes
-    to *ce. Without q_rows (NULL) the loss is plain cross-entropy -log p_y; with them it is the
+cdef void crossentropy_forward_backward(float *logits, double *loss, double *ce,
+                                        const int64_t *targets, int N, int V,
+                                        const float *q_rows, const int32_t *q_row_of,
+                                        float alpha, float dscale, bint backward) noexcept nogil:
+    """Add to *loss the training loss of each row with target != -1, in row order, and to *ce
+    its plain cross-entropy. Without q_rows (NULL) the loss is plain cross-entropy -log p_y; with them it is the
     crystalline loss (1 - alpha) (-log p_y) + alpha (-sum_v q_y(v) log p_v).
 
     With `backward`, logits (N, V) are replaced by
@@ -469,7 +472,7 @@ cdef double crossentropy_forward_backward(float *logits, double *ce, const int64
     cdef int n, v
     cdef int64_t y
     cdef float mx, target_logit
-    cdef double total = 0.0, plain = 0.0, z, logz, row_ce, qdot
+    cdef double z, logz, row_ce, qdot
     cdef float *row
     cdef const float *q = NULL
     if q_rows == NULL:
@@ -491,15 +494,13 @@ cdef double crossentropy_forward_backward(float *logits, double *ce, const int64
         z = cllm_row_exp_sum(row, V, mx)
         logz = log(z)
         row_ce = logz - (target_logit - mx)
-        plain += row_ce
-        total += (1.0 - alpha) * row_ce + alpha * (logz - qdot)
+        ce[0] += row_ce
+        loss[0] += (1.0 - alpha) * row_ce + alpha * (logz - qdot)
         if backward:
             cllm_row_scale(row, V, <float>(dscale / z))
             if q_rows != NULL:
                 cllm_row_axpy(row, q, V, -dscale * alpha)
             row[y] -= dscale * (1.0 - alpha)
-    ce[0] = plain
-    return total
 
 
 def crystalline_targets(const int64_t[:, ::1] targets, const int32_t[:, ::1] ulam_xy,
@@ -521,6 +522,26 @@ def crystalline_targets(const int64_t[:, ::1] targets, const int32_t[:, ::1] ula
 # ----------------------------------------------------------------------------------------------
 # one sphere: forward (and backward) over its sequences
 
+# Logits (rows x V floats) computed at once: the head and the loss run over blocks of rows of
+# at most this many logits. Larger blocks re-read dhead less often; smaller ones save memory.
+cdef enum:
+    LOGIT_BLOCK = 1 << 22
+
+
+cdef inline int logit_rows(int N, int V) noexcept nogil:
+    """Rows per block of the head: N split into the fewest near-equal blocks of at most
+    LOGIT_BLOCK logits (at least one row each). Never more than logit_capacity(N, V)."""
+    cdef Py_ssize_t blocks = (<Py_ssize_t>N * V + LOGIT_BLOCK - 1) // LOGIT_BLOCK
+    return max(1, <int>((N + blocks - 1) // blocks))
+
+
+cdef inline int logit_capacity(int N, int V) noexcept nogil:
+    """Rows of logits a workspace for up to N rows holds: the most that logit_rows(n, V)
+    gives for any n <= N (a block has at most N rows, and at most LOGIT_BLOCK / V rounded
+    up)."""
+    return max(1, min(N, (LOGIT_BLOCK + V - 1) // V))
+
+
 cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *a,
                         const int64_t *idx, const int64_t *targets, float *logits_out,
                         int nb, int T, int mode, float dscale, double *ce) noexcept nogil:
@@ -537,7 +558,6 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     cdef int l
     cdef const Py_ssize_t *o
     cdef const float *res_in
-    cdef float *logits
     cdef double loss = 0.0
 
     encoder_forward(a.x0, idx, params + d.wte,
@@ -545,9 +565,9 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     res_in = a.x0
     for l in range(L):
         o = d.layer + l * N_LAYER_TENSORS
-        layernorm_forward(a.ln1 + l * NC, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_in,
+        layernorm_forward(a.ln, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_in,
                           params + o[LN1_W], params + o[LN1_B], N, C)
-        linear_forward(a.qkv + 3 * l * NC, a.ln1 + l * NC, params + o[QKV_W], params + o[QKV_B],
+        linear_forward(a.qkv + 3 * l * NC, a.ln, params + o[QKV_W], params + o[QKV_B],
                        N, C, 3 * C)
         if d.angular:
             angular_forward(a.qkv + 3 * l * NC, d.rot_cos, d.rot_sin, nb, T, C)
@@ -559,25 +579,38 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
         linear_forward(a.res2 + l * NC, a.atty + l * NC, params + o[PROJ_W], params + o[PROJ_B],
                        N, C, C)
         cllm_row_add(a.res2 + l * NC, res_in, NC)
-        layernorm_forward(a.ln2 + l * NC, a.ln2_mean + l * N, a.ln2_rstd + l * N,
+        layernorm_forward(a.ln, a.ln2_mean + l * N, a.ln2_rstd + l * N,
                           a.res2 + l * NC, params + o[LN2_W], params + o[LN2_B], N, C)
-        linear_forward(a.fch + l * NF, a.ln2 + l * NC, params + o[FC_W], params + o[FC_B],
-                       N, C, F)
-        cllm_gelu_forward(a.fch_gelu + l * NF, a.fch + l * NF, NF)
-        linear_forward(a.res3 + l * NC, a.fch_gelu + l * NF, params + o[FCPROJ_W],
-                       params + o[FCPROJ_B], N, F, C)
+        linear_forward(a.fch + l * NF, a.ln, params + o[FC_W], params + o[FC_B], N, C, F)
+        cllm_gelu_forward(a.gelu, a.fch + l * NF, NF)
+        linear_forward(a.res3 + l * NC, a.gelu, params + o[FCPROJ_W], params + o[FCPROJ_B],
+                       N, F, C)
         cllm_row_add(a.res3 + l * NC, a.res2 + l * NC, NC)
         res_in = a.res3 + l * NC
     layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, res_in, params + d.lnf_w, params + d.lnf_b,
                       N, C)
-    # logits (N, V) = lnf (N, C) @ head^T, head (V, C)
-    logits = logits_out if mode == MODE_LOGITS else a.logits
-    matmul(False, True, N, V, C, 1.0, a.lnf, C, params + d.head, C, 0.0, logits, V)
     if mode == MODE_LOGITS:
+        # logits (N, V) = lnf (N, C) @ head^T, head (V, C)
+        matmul(False, True, N, V, C, 1.0, a.lnf, C, params + d.head, C, 0.0, logits_out, V)
         return 0.0
-    loss = crossentropy_forward_backward(logits, ce, targets, N, V,
-                                         d.q_rows if d.crystalline else NULL, d.q_row_of,
-                                         d.alpha, dscale, mode == MODE_GRADS)
+    # The head, the loss and the head's backward, a block of rows at a time, so that the
+    # (N, V) logits never exist whole: per block, logits (n, V) = lnf @ head^T, replaced by
+    # d loss / d logits; dhead (V, C) += dlogits^T @ lnf ; dlnf (n, C) = dlogits @ head
+    cdef int rows = logit_rows(N, V), r0 = 0, n
+    ce[0] = 0.0
+    while r0 < N:
+        n = min(rows, N - r0)
+        matmul(False, True, n, V, C, 1.0, a.lnf + r0 * C, C, params + d.head, C, 0.0,
+               a.logits, V)
+        crossentropy_forward_backward(a.logits, &loss, ce, targets + r0, n, V,
+                                      d.q_rows if d.crystalline else NULL, d.q_row_of,
+                                      d.alpha, dscale, mode == MODE_GRADS)
+        if mode == MODE_GRADS:
+            matmul(True, False, V, C, n, 1.0, a.logits, V, a.lnf + r0 * C, C,
+                   0.0 if r0 == 0 else 1.0, grads + d.head, C)
+            matmul(False, False, n, C, V, 1.0, a.logits, V, params + d.head, C, 0.0,
+                   a.dln + r0 * C, C)
+        r0 += n
     if mode == MODE_LOSS:
         return loss
 
@@ -586,9 +619,6 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     cdef const float *res_prev
     if not d.tied:
         memset(grads + d.wte, 0, <Py_ssize_t>V * C * sizeof(float))
-    # dhead (V, C) = dlogits^T @ lnf ; dlnf (N, C) = dlogits @ head
-    matmul(True, False, V, C, N, 1.0, logits, V, a.lnf, C, 0.0, grads + d.head, C)
-    matmul(False, False, N, C, V, 1.0, logits, V, params + d.head, C, 0.0, a.dln, C)
     memset(dres, 0, NC * sizeof(float))
     layernorm_backward(dres, grads + d.lnf_w, grads + d.lnf_b, a.dln, res_in,
                        params + d.lnf_w, a.lnf_mean, a.lnf_rstd, a.datty, N, C)
@@ -596,10 +626,13 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
         o = d.layer + l * N_LAYER_TENSORS
         res_prev = a.x0 if l == 0 else a.res3 + (l - 1) * NC
         # MLP: res3 = res2 + gelu(ln2 @ Wfc + bfc) @ Wfcproj + bfcproj
-        linear_backward(a.dfch, grads + o[FCPROJ_W], grads + o[FCPROJ_B], dres,
-                        a.fch_gelu + l * NF, params + o[FCPROJ_W], N, F, C)
+        cllm_gelu_forward(a.gelu, a.fch + l * NF, NF)
+        linear_backward(a.dfch, grads + o[FCPROJ_W], grads + o[FCPROJ_B], dres, a.gelu,
+                        params + o[FCPROJ_W], N, F, C)
         cllm_gelu_backward_inplace(a.dfch, a.fch + l * NF, NF)
-        linear_backward(a.dln, grads + o[FC_W], grads + o[FC_B], a.dfch, a.ln2 + l * NC,
+        layernorm_forward(a.ln, a.ln2_mean + l * N, a.ln2_rstd + l * N, a.res2 + l * NC,
+                          params + o[LN2_W], params + o[LN2_B], N, C)
+        linear_backward(a.dln, grads + o[FC_W], grads + o[FC_B], a.dfch, a.ln,
                         params + o[FC_W], N, C, F)
         layernorm_backward(dres, grads + o[LN2_W], grads + o[LN2_B], a.dln, a.res2 + l * NC,
                            params + o[LN2_W], a.ln2_mean + l * N, a.ln2_rstd + l * N,
@@ -615,7 +648,9 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
                                nb, T, C, H)
         if d.angular:
             angular_backward(a.dqkv, d.rot_cos, d.rot_sin, nb, T, C)
-        linear_backward(a.dln, grads + o[QKV_W], grads + o[QKV_B], a.dqkv, a.ln1 + l * NC,
+        layernorm_forward(a.ln, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_prev,
+                          params + o[LN1_W], params + o[LN1_B], N, C)
+        linear_backward(a.dln, grads + o[QKV_W], grads + o[QKV_B], a.dqkv, a.ln,
                         params + o[QKV_W], N, C, 3 * C)
         layernorm_backward(dres, grads + o[LN1_W], grads + o[LN1_B], a.dln, res_prev,
                            params + o[LN1_W], a.ln1_mean + l * N, a.ln1_rstd + l * N,
@@ -653,48 +688,51 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
         pairs, pair_scratch = d.ulam_start[T], 0
         for t in range(T):
             pair_scratch = max(pair_scratch, d.ulam_start[t + 1] - d.ulam_start[t])
-    sizes = dict(x0=N * C, ln1=L * N * C, ln1_mean=L * N, ln1_rstd=L * N,
-                 qkv=L * N * 3 * C, att=L * nb * H * pairs, atty=L * N * C,
-                 res2=L * N * C, ln2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N,
-                 fch=L * N * F, fch_gelu=L * N * F, res3=L * N * C, lnf=N * C,
-                 lnf_mean=N, lnf_rstd=N, logits=N * V, dres=N * C, dln=N * C,
-                 datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
-    if not backward:
-        sizes = {name: 0 if name.startswith("d") else n for name, n in sizes.items()}
+    sizes = dict(x0=N * C, ln1_mean=L * N, ln1_rstd=L * N, qkv=L * N * 3 * C,
+                 att=L * nb * H * pairs, atty=L * N * C, res2=L * N * C, ln2_mean=L * N,
+                 ln2_rstd=L * N, fch=L * N * F, res3=L * N * C, lnf=N * C, lnf_mean=N,
+                 lnf_rstd=N, dln=N * C if backward else 0, region=0)
+    scratch = dict(ln=N * C, gelu=N * F)
+    if backward:
+        scratch.update(dres=N * C, datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
     # every buffer starts on a 64-byte boundary (16 floats)
-    ws.buffer = np.zeros(sum(-(-n // 16) * 16 for n in sizes.values()) + 16, np.float32)
+    at = {}
+    pos = 0
+    for name, n in scratch.items():
+        at[name] = pos
+        pos += -(-n // 16) * 16
+    sizes["region"] = max(<Py_ssize_t>logit_capacity(N, V) * V, pos)
+    pos = 0
+    for name, n in sizes.items():
+        at[name if name != "region" else "logits"] = pos
+        pos += -(-n // 16) * 16
+    ws.buffer = np.zeros(pos + 16, np.float32)
     buf = ws.buffer
     p0 = &buf[0]
     p0 += (16 - (<size_t>p0 // 4) % 16) % 16
-    offset = {}
-    pos = 0
-    for name, n in sizes.items():
-        offset[name] = pos
-        pos += -(-n // 16) * 16
-    a.x0 = p0 + <Py_ssize_t>offset["x0"]
-    a.ln1 = p0 + <Py_ssize_t>offset["ln1"]
-    a.ln1_mean = p0 + <Py_ssize_t>offset["ln1_mean"]
-    a.ln1_rstd = p0 + <Py_ssize_t>offset["ln1_rstd"]
-    a.qkv = p0 + <Py_ssize_t>offset["qkv"]
-    a.att = p0 + <Py_ssize_t>offset["att"]
-    a.atty = p0 + <Py_ssize_t>offset["atty"]
-    a.res2 = p0 + <Py_ssize_t>offset["res2"]
-    a.ln2 = p0 + <Py_ssize_t>offset["ln2"]
-    a.ln2_mean = p0 + <Py_ssize_t>offset["ln2_mean"]
-    a.ln2_rstd = p0 + <Py_ssize_t>offset["ln2_rstd"]
-    a.fch = p0 + <Py_ssize_t>offset["fch"]
-    a.fch_gelu = p0 + <Py_ssize_t>offset["fch_gelu"]
-    a.res3 = p0 + <Py_ssize_t>offset["res3"]
-    a.lnf = p0 + <Py_ssize_t>offset["lnf"]
-    a.lnf_mean = p0 + <Py_ssize_t>offset["lnf_mean"]
-    a.lnf_rstd = p0 + <Py_ssize_t>offset["lnf_rstd"]
-    a.logits = p0 + <Py_ssize_t>offset["logits"]
-    a.dres = p0 + <Py_ssize_t>offset["dres"]
-    a.dln = p0 + <Py_ssize_t>offset["dln"]
-    a.datty = p0 + <Py_ssize_t>offset["datty"]
-    a.dqkv = p0 + <Py_ssize_t>offset["dqkv"]
-    a.dfch = p0 + <Py_ssize_t>offset["dfch"]
-    a.datt = p0 + <Py_ssize_t>offset["datt"]
+    a.x0 = p0 + <Py_ssize_t>at["x0"]
+    a.ln1_mean = p0 + <Py_ssize_t>at["ln1_mean"]
+    a.ln1_rstd = p0 + <Py_ssize_t>at["ln1_rstd"]
+    a.qkv = p0 + <Py_ssize_t>at["qkv"]
+    a.att = p0 + <Py_ssize_t>at["att"]
+    a.atty = p0 + <Py_ssize_t>at["atty"]
+    a.res2 = p0 + <Py_ssize_t>at["res2"]
+    a.ln2_mean = p0 + <Py_ssize_t>at["ln2_mean"]
+    a.ln2_rstd = p0 + <Py_ssize_t>at["ln2_rstd"]
+    a.fch = p0 + <Py_ssize_t>at["fch"]
+    a.res3 = p0 + <Py_ssize_t>at["res3"]
+    a.lnf = p0 + <Py_ssize_t>at["lnf"]
+    a.lnf_mean = p0 + <Py_ssize_t>at["lnf_mean"]
+    a.lnf_rstd = p0 + <Py_ssize_t>at["lnf_rstd"]
+    a.dln = p0 + <Py_ssize_t>at["dln"]
+    a.logits = p0 + <Py_ssize_t>at["logits"]
+    a.ln = a.logits + <Py_ssize_t>at["ln"]
+    a.gelu = a.logits + <Py_ssize_t>at["gelu"]
+    a.dres = a.logits + <Py_ssize_t>at.get("dres", 0)
+    a.datty = a.logits + <Py_ssize_t>at.get("datty", 0)
+    a.dqkv = a.logits + <Py_ssize_t>at.get("dqkv", 0)
+    a.dfch = a.logits + <Py_ssize_t>at.get("dfch", 0)
+    a.datt = a.logits + <Py_ssize_t>at.get("datt", 0)
     return ws
 
 
@@ -1053,10 +1091,9 @@ def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, :, :
 def layer_crossentropy(const float[:, ::1] logits, const int64_t[::1] targets, float dscale):
     """-> (summed loss over targets != -1, dlogits = dscale * (softmax - onehot))"""
     cdef float[:, ::1] work = np.array(logits, np.float32)
-    cdef double ce = 0.0
-    cdef double loss = crossentropy_forward_backward(&work[0, 0], &ce, &targets[0],
-                                                     work.shape[0], work.shape[1], NULL, NULL,
-                                                     0.0, dscale, True)
+    cdef double loss = 0.0, ce = 0.0
+    crossentropy_forward_backward(&work[0, 0], &loss, &ce, &targets[0], work.shape[0],
+                                  work.shape[1], NULL, NULL, 0.0, dscale, True)
     return loss, np.asarray(work)
 
 
@@ -1107,11 +1144,11 @@ def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
     cdef float[:, ::1] work = np.array(logits, np.float32)
     cdef const float[:, ::1] q_rows
     cdef const int32_t[::1] q_row_of
-    cdef double ce = 0.0
+    cdef double loss = 0.0, ce = 0.0
     q_rows, q_row_of = crystalline_targets(np.asarray(targets)[None, :], ulam_xy, 1)
-    cdef double loss = crossentropy_forward_backward(
-        &work[0, 0], &ce, &targets[0], work.shape[0], work.shape[1], &q_rows[0, 0],
-        &q_row_of[0], alpha, dscale, True)
+    crossentropy_forward_backward(&work[0, 0], &loss, &ce, &targets[0], work.shape[0],
+                                  work.shape[1], &q_rows[0, 0], &q_row_of[0], alpha, dscale,
+                                  True)
     return loss, ce, np.asarray(work)
 
 
