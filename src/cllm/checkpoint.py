@@ -7,6 +7,10 @@ ModelConfig names, with string metadata:
     tokenizer       the tokenizer as `tokenizers` JSON (absent for a model without one)
     training        JSON object from the trainer: step, RNG state, data position, run args
                     (training checkpoints only)
+    digest          {"algorithm": "sha256", "tensors": hex, "header": hex}: the digest of
+                    the tensor data, and of the header without this entry (every other
+                    metadata entry and every tensor's dtype, shape and offsets) as canonical
+                    JSON. Checked on load; files written before it load with a notice.
 
 A training checkpoint also holds the AdamW moments as tensors `optim.m.<name>` and
 `optim.v.<name>`. Any safetensors reader opens these files; this module writes them by
@@ -15,19 +19,22 @@ so loading a model costs no copy of its weights.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import mmap
 import os
 import re
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import CheckpointError
+from . import safejson
+from .config import LAYER_TENSORS, ModelConfig
+from .errors import CheckpointError, NonFiniteError, UnverifiedFile
 from .fileio import atomic_writer
 
 FORMAT = "cllm"
@@ -38,6 +45,11 @@ _HEADER_LENGTH = struct.Struct("<Q")
 _MAX_HEADER_BYTES = 100_000_000
 _FLOAT32 = np.dtype("<f4")
 _CHECKPOINT_NAME = re.compile(r"checkpoint_step_(\d+)\.cllm")
+_DIGEST = "sha256"
+# Tables the core derives from the configuration alone (angular rotations, Ulam neighbour
+# lists) may hold at most this many entries beyond one per float of the file's tensors, so
+# that the work and memory a file can ask for stay proportional to its size.
+_DERIVED_SLACK = 1 << 16
 
 
 @dataclass
@@ -64,6 +76,10 @@ def save_cllm(path: str | os.PathLike, params: dict[str, np.ndarray], config: Mo
             tensors.update({f"optim.{moment}.{name}": array
                             for name, array in optimizer[moment].items()})
     _check_tensors(path, {name: array.shape for name, array in tensors.items()}, config)
+    for name, array in tensors.items():
+        if not np.isfinite(array).all():
+            raise NonFiniteError(f"{path}: not written: tensor {name} holds values that are "
+                                 f"not finite (NaN or infinity)")
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": config.to_json()}
     if tokenizer_json is not None:
         metadata["tokenizer"] = tokenizer_json
@@ -74,10 +90,14 @@ def save_cllm(path: str | os.PathLike, params: dict[str, np.ndarray], config: Mo
               for name, array in tensors.items()]
     header: dict = {"__metadata__": metadata}
     offset = 0
+    data_digest = hashlib.new(_DIGEST)
     for name, array in arrays:
         header[name] = {"dtype": "F32", "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
+        data_digest.update(array.data)
+    metadata["digest"] = json.dumps({"algorithm": _DIGEST, "tensors": data_digest.hexdigest(),
+                                     "header": _header_digest(header)})
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     # Pad with spaces (as the safetensors library does) so that tensor data starts 8-aligned.
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -88,17 +108,23 @@ def save_cllm(path: str | os.PathLike, params: dict[str, np.ndarray], config: Mo
             f.write(array.data)
 
 
-def load_cllm(path: str | os.PathLike, mmap: bool = True) -> CllmFile:
-    """Read and fully validate a .cllm file. With `mmap`, the arrays are read-only views of
-    the mapped file; without, they are writable arrays over one in-memory copy of it."""
+def load_cllm(path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> CllmFile:
+    """Read and fully validate a .cllm file, its digests too unless not `verify`. With `mmap`,
+    the arrays are read-only views of the mapped file; without, they are writable arrays over
+    one in-memory copy of it. Work and memory before the file is accepted are proportional to
+    its size."""
     path = Path(path)
     buffer = _read(path, mmap)
     header, data_start = _parse_header(path, buffer)
-    metadata = header.pop("__metadata__", None)
+    metadata = header.get("__metadata__")
     config, tokenizer_json, training = _parse_metadata(path, metadata)
-    spans = {name: _tensor_span(path, name, info) for name, info in header.items()}
+    tensor_entries = {name: info for name, info in header.items() if name != "__metadata__"}
+    _check_config_fits_file(path, config, len(tensor_entries), len(buffer) - data_start)
+    spans = {name: _tensor_span(path, name, info) for name, info in tensor_entries.items()}
     _check_spans_fill_data(path, spans, len(buffer) - data_start)
     _check_tensors(path, {name: shape for name, (shape, _) in spans.items()}, config)
+    if verify:
+        _check_digest(path, header, memoryview(buffer)[data_start:])
 
     tensors = {name: np.frombuffer(buffer, dtype=_FLOAT32, count=math.prod(shape),
                                    offset=data_start + begin).reshape(shape)
@@ -143,8 +169,8 @@ def _parse_header(path: Path, buffer) -> tuple[dict, int]:
         raise CheckpointError(f"{path}: truncated (the header needs {data_start} bytes but the "
                               f"file has {len(buffer)})")
     try:
-        header = json.loads(bytes(buffer[_HEADER_LENGTH.size:data_start]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = safejson.loads(bytes(buffer[_HEADER_LENGTH.size:data_start]).decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise CheckpointError(f"{path}: not a .cllm file, or a damaged one (its header is "
                               f"not valid JSON: {e})") from e
     if not isinstance(header, dict):
@@ -178,10 +204,60 @@ def _parse_metadata(path: Path, metadata) -> tuple[ModelConfig, str | None, dict
 def _json_object(text: str | None) -> dict:
     if text is None:
         raise ValueError("it is missing")
-    value = json.loads(text)  # JSONDecodeError is a ValueError
+    value = safejson.loads(text)
     if not isinstance(value, dict):
         raise ValueError("it is not a JSON object")
     return value
+
+
+def _check_config_fits_file(path: Path, config: ModelConfig, tensors: int,
+                            data_bytes: int) -> None:
+    """Before the configuration is expanded into its tensor list: its layers must be among
+    the file's tensors, and the tables derived from it alone must be no larger than the file."""
+    needed = len(LAYER_TENSORS) * config.n_layer
+    if needed > tensors:
+        raise CheckpointError(f"{path}: damaged .cllm file (its configuration has "
+                              f"{config.n_layer} layers, {needed} layer tensors, but the file "
+                              f"holds {tensors} tensors)")
+    derived = 0
+    if config.position == "angular":
+        derived += config.n_ctx * config.n_embd
+    if config.attention == "ulam":
+        derived += config.n_ctx * min(config.n_ctx, (2 * config.ulam_radius + 1) ** 2)
+    if derived > data_bytes // 4 + _DERIVED_SLACK:
+        raise CheckpointError(f"{path}: implausible configuration (context {config.n_ctx} and "
+                              f"Ulam radius {config.ulam_radius} ask for tables of {derived:,} "
+                              f"entries, more than the file's {data_bytes // 4:,} parameters)")
+
+
+def _header_digest(header: dict) -> str:
+    """The digest of the header without its digest entry, as canonical JSON."""
+    metadata = {key: value for key, value in header["__metadata__"].items() if key != "digest"}
+    canonical = json.dumps({**header, "__metadata__": metadata}, sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.new(_DIGEST, canonical.encode("utf-8")).hexdigest()
+
+
+def _check_digest(path: Path, header: dict, data: memoryview) -> None:
+    text = header["__metadata__"].get("digest")
+    if text is None:
+        warnings.warn(f"{path} has no integrity digest (written by cllm 0.1): it loads "
+                      f"unchecked, and is written with one when saved again", UnverifiedFile)
+        return
+    try:
+        digest = safejson.loads(text)
+        algorithm, tensors, whole = digest["algorithm"], digest["tensors"], digest["header"]
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: damaged .cllm file (unreadable digest: {e})") from e
+    if algorithm != _DIGEST:
+        raise CheckpointError(f"{path}: digest algorithm {algorithm!r} is not supported "
+                              f"(cllm checks {_DIGEST})")
+    if whole != _header_digest(header):
+        raise CheckpointError(f"{path}: damaged or altered .cllm file (its configuration, "
+                              f"metadata or tensor list does not match its digest)")
+    if tensors != hashlib.new(_DIGEST, data).hexdigest():
+        raise CheckpointError(f"{path}: damaged or altered .cllm file (its tensor data does "
+                              f"not match its digest)")
 
 
 def _tensor_span(path: Path, name: str, info) -> tuple[tuple[int, ...], int]:

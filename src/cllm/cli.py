@@ -1,13 +1,17 @@
-"""The `cllm` command: train, infer, create and help.
+"""The `cllm` command: train, infer, create, import, export and help.
 
 Argument errors print one line and exit with 2. Errors in what the user gave (files, data,
-values) print `error: <message>` and exit with 1; Ctrl-C exits with 130. None shows a traceback.
+values) print `error: <message>` and exit with 1; Ctrl-C exits with 130. None shows a traceback:
+anything unforeseen that escapes is reported the same way, in one line, and its traceback is
+printed only when the environment sets CLLM_TRACEBACK=1 (for bug reports).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -15,10 +19,11 @@ from .architecture import (DERIVED_IN_TRAINING, add_architecture_arguments,
                            check_architecture, chosen_architecture)
 from .argtypes import non_negative_float, non_negative_int, positive_int, probability, text
 from .config import ModelConfig
-from .errors import CllmError
+from .errors import CllmError, Stopped, UnverifiedFile
+from .interop.commands import add_export_arguments, add_import_arguments, run_export, run_import
 from .settings import DEFAULT_SEED, TrainConfig, add_arguments, check_agrees
 
-COMMANDS = ("train", "infer", "create", "help")
+COMMANDS = ("train", "infer", "create", "import", "export", "help")
 INTERRUPTED = 130
 
 
@@ -41,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_create(commands.add_parser("create", help="create an untrained model file",
                                     description="Create a .cllm model with freshly "
                                     "initialised weights, to train with cllm train --init-from."))
+    add_import_arguments(commands.add_parser(
+        "import", help="import a Hugging Face GPT-2 model",
+        description="Import a Hugging Face GPT-2 checkpoint (a folder, or a model of the local "
+                    "Hugging Face cache) as a .cllm model with its tokenizer."))
+    add_export_arguments(commands.add_parser(
+        "export", help="export a model for transformers or llama.cpp",
+        description="Export a .cllm model as a Hugging Face folder (transformers) or a GGUF "
+                    "file (llama.cpp)."))
     help_parser = commands.add_parser("help", help="show the help of cllm or of a command",
                                       description="Show the help of cllm or of a command.")
     help_parser.add_argument("topic", nargs="?", choices=COMMANDS[:-1],
@@ -133,6 +146,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
                                               "interactive mode")
         from .infer import infer
         infer(args)
+    elif args.command == "import":
+        run_import(args)
+    elif args.command == "export":
+        run_export(args)
     else:
         _create(args, explicit_flags(argv))
 
@@ -146,11 +163,29 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_notice
+        return _run_reporting(parser, args, argv)
+
+
+def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, UnverifiedFile):
+        print(f"notice: {message}", file=sys.stderr)
+    else:
+        print(warnings.formatwarning(message, category, filename, lineno, line),
+              file=sys.stderr, end="")
+
+
+def _run_reporting(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                   argv: list[str]) -> int:
+    """Run the command; report every way it can fail in one line and an exit code."""
     try:
         _run(parser, args, argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Stopped as e:
+        return 128 + e.signum
     except BrokenPipeError:
         # whatever read the output stopped (`cllm infer ... | head -1`): end quietly, and keep
         # Python from failing again when it flushes stdout at exit
@@ -161,6 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as e:
         print(f"error: {_describe_os_error(e)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:  # the last line of defence: one line, never a traceback
+        if os.environ.get("CLLM_TRACEBACK") == "1":
+            traceback.print_exc()
+        text = " ".join(str(e).split()) or "no message"
+        print(f"error: {type(e).__name__}: {text} (set CLLM_TRACEBACK=1 to see where)",
+              file=sys.stderr)
         return 1
     return 0
 

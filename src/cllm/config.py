@@ -32,6 +32,11 @@ SWITCHES = {
     "attention": ("dense", "ulam"),
     "loss": ("ce", "crystalline"),
 }
+# The largest value of each size: far beyond any model a CPU trains, and small enough that no
+# configuration can ask for an absurd allocation before anything else is checked.
+LIMITS = dict(vocab_size=1 << 24, n_ctx=1 << 20, n_embd=1 << 16, n_layer=1 << 10,
+              n_head=1 << 12, n_inner=1 << 18, ulam_radius=64)
+
 # Every switch off: GPT-2 itself, and what a configuration saved before the switches existed
 # means.
 GPT2_SWITCHES = dict(init="normal", position="learned", attention="dense", loss="ce")
@@ -99,6 +104,9 @@ class ModelConfig:
                              f"n_embd / n_head ({self.head_dim}) must be even")
         # radius 0 would leave each position attending to itself alone
         _check_positive_int("ulam_radius", self.ulam_radius)
+        for name, limit in LIMITS.items():
+            if getattr(self, name) > limit:
+                raise ValueError(f"{name} must be at most {limit}, got {getattr(self, name)}")
         alpha = self.crystalline_alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"crystalline_alpha must be a number in [0, 1], got {alpha!r}")

@@ -18,6 +18,7 @@ text files are concatenated with `cat`. The tokenizer is trained on the same tex
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -167,6 +168,32 @@ def build_dataset(tokenizer: Tokenizer, files: CorpusFiles, path: str | os.PathL
         out.seek(0)
         out.write(_HEADER.pack(MAGIC, FORMAT_VERSION, itemsize, vocab_size, count))
     return count
+
+
+def corpus_record(files: CorpusFiles, dataset: str | os.PathLike) -> dict:
+    """What a dataset was built from: each file's path under the root and its size, and the
+    digest of the dataset file (every id): a resumed run checks its data against this."""
+    digest = hashlib.sha256()
+    with open(dataset, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"files": [[str(path.relative_to(files.root)), path.stat().st_size]
+                      for path in files.paths],
+            "dataset_sha256": digest.hexdigest()}
+
+
+def corpus_change(old: dict, new: dict) -> str | None:
+    """What differs between two corpus records, in words; None if nothing does."""
+    before, after = dict(map(tuple, old["files"])), dict(map(tuple, new["files"]))
+    changes = [(what, sorted(names)) for what, names in (
+        ("added", set(after) - set(before)), ("removed", set(before) - set(after)),
+        ("changed in size", {p for p in set(before) & set(after) if before[p] != after[p]}))
+        if names]
+    described = [f"{len(names)} file{'s' * (len(names) > 1)} {what} ({', '.join(names[:3])}"
+                 f"{', ...' if len(names) > 3 else ''})" for what, names in changes]
+    if not described and old["dataset_sha256"] != new["dataset_sha256"]:
+        described.append("the same files with other contents")
+    return "; ".join(described) or None
 
 
 def open_dataset(path: str | os.PathLike, vocab_size: int | None = None) -> np.memmap:

@@ -14,3 +14,21 @@ class DataError(CllmError):
 
 class CheckpointError(CllmError):
     """A .cllm file that cannot be read, or does not match its own configuration."""
+
+
+class UnverifiedFile(UserWarning):
+    """A file loaded without an integrity check: one written before files carried digests."""
+
+
+class NonFiniteError(CllmError):
+    """A loss, gradient norm or parameter that is NaN or infinite: training stops before the
+    optimizer or a file sees it."""
+
+
+class Stopped(Exception):
+    """A run stopped by a signal (SIGINT, SIGTERM, SIGHUP) after saving what it had done; the
+    command exits with 128 + signum, as a process killed by that signal would."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

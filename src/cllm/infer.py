@@ -17,7 +17,9 @@ QUIT = "quit"
 def infer(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_writable(Path(args.output))
-    model = Model.load(args.model)
+    # An interactive session copies the weights: a long-lived mapping of a file that another
+    # program rewrites in place would end the session with SIGBUS.
+    model = Model.load(args.model, writable=args.interactive)
     if model.tokenizer is None:
         raise CllmError(f"{args.model} has no tokenizer, so it cannot read a text prompt "
                         f"(create it with --tokenizer FILE, or train it with cllm train)")
@@ -54,11 +56,7 @@ def converse(model: Model, transcript: str, seed: int | None, sampling: dict) ->
         import readline  # noqa: F401  (gives input() line editing and history)
     budget = max(1, model.config.n_ctx - sampling["max_new_tokens"])
     turn = 0
-    while True:
-        try:
-            line = input("> " if terminal else "")
-        except EOFError:
-            break
+    for line in _input_lines(terminal):
         if line.strip() == QUIT:
             break
         if not line.strip():
@@ -73,6 +71,25 @@ def converse(model: Model, transcript: str, seed: int | None, sampling: dict) ->
         transcript += line + answer
         turn += 1
     return transcript
+
+
+def _input_lines(terminal: bool):
+    """The lines of standard input, each decoded on its own: a line that is not UTF-8 costs
+    that line (with an error message), not the session."""
+    while True:
+        try:
+            if terminal:
+                yield input("> ")
+                continue
+            raw = sys.stdin.buffer.readline()
+            if not raw:
+                return
+            yield raw.decode("utf-8").rstrip("\r\n")
+        except EOFError:
+            return
+        except UnicodeDecodeError as e:
+            print(f"error: the input line is not UTF-8 text ({e.reason} at byte {e.start}); "
+                  f"it was skipped", file=sys.stderr, flush=True)
 
 
 def _last_tokens(model: Model, text: str, budget: int) -> str:

@@ -35,9 +35,10 @@ class MetricsLog:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The complete lines of a metrics file (a run killed mid-write leaves a partial last
-    line, which is dropped); none if the file does not exist."""
+    line, which is dropped, and a damaged line is dropped too); none if the file does not
+    exist."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
     records = []

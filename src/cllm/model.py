@@ -7,11 +7,11 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from . import _core, crystal
-from .checkpoint import load_cllm, save_cllm
+from .checkpoint import CllmFile, load_cllm, save_cllm
 from .config import ModelConfig
 from .generate import iter_ids, iter_text
 from .threads import positive_count, usable_cores
-from .tokenizer import tokenizer_from_json, tokenizer_to_json
+from .tokenizer import checked_tokenizer, tokenizer_to_json
 
 
 class Losses(NamedTuple):
@@ -61,14 +61,20 @@ class Model:
                   None if self.tokenizer is None else tokenizer_to_json(self.tokenizer))
 
     @classmethod
-    def load(cls, path, writable: bool = False) -> "Model":
-        """Read a .cllm file. The parameters are the mapped file itself (read-only, shared by
-        every process that loads it) unless `writable`, which copies them."""
-        f = load_cllm(path, mmap=True)
+    def load(cls, path, writable: bool = False, verify: bool = True) -> "Model":
+        """Read a .cllm file, checking its digests unless not `verify`. The parameters are the
+        mapped file itself (read-only, shared by every process that loads it) unless
+        `writable`, which copies them (and so survives the file being rewritten)."""
+        return cls.from_file(load_cllm(path, mmap=True, verify=verify), path, writable)
+
+    @classmethod
+    def from_file(cls, f: CllmFile, path, writable: bool = False) -> "Model":
+        """The model of a .cllm file read by load_cllm from `path`."""
         flat = f.flat
         if writable or flat is None:
             flat = f.config.flatten(f.params)
-        tokenizer = None if f.tokenizer_json is None else tokenizer_from_json(f.tokenizer_json)
+        tokenizer = None if f.tokenizer_json is None else checked_tokenizer(
+            f.tokenizer_json, f.config.vocab_size, str(path))
         return cls(f.config, flat, tokenizer)
 
     @property

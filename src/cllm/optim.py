@@ -9,6 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _core
+from .errors import NonFiniteError
 from .threads import positive_count, usable_cores
 
 
@@ -58,11 +59,17 @@ def train_step(model, optimizer: AdamW, schedule: Schedule, x, y, grad_clip: flo
                spheres: int = 12, threads: int | None = None) -> StepResult:
     """One training step on the batch (x, y): loss and gradients over the spheres, the
     gradient's norm, clipping to grad_clip (0: none), and AdamW at the scheduled rate of the
-    optimizer's next step. The same for every thread count, bit for bit."""
+    optimizer's next step. The same for every thread count, bit for bit. A loss or norm that
+    is not finite raises NonFiniteError before the optimizer touches the weights."""
     threads = positive_count("threads", threads, usable_cores())
     losses, _ = model.loss_and_grads(x, y, spheres=spheres, threads=threads)
     norm = model.core.grad_norm(threads)
-    lr = schedule.rate(optimizer.step_count + 1)
+    step = optimizer.step_count + 1
+    if not (math.isfinite(losses.loss) and math.isfinite(norm)):
+        raise NonFiniteError(f"step {step}: the training loss is {losses.loss:g} and the "
+                             f"gradient norm {norm:g}; the weights were left as they were "
+                             f"after step {step - 1}")
+    lr = schedule.rate(step)
     optimizer.step(model.grad_flat, lr=lr, grad_scale=clip_scale(norm, grad_clip),
                    threads=threads)
     return StepResult(losses.loss, losses.ce, norm, lr)

@@ -4,6 +4,8 @@ one a run can resume from.
 A checkpoint is a .cllm file with the AdamW moments and a `training` object:
 
     step           steps done
+    corpus         what the dataset was built from (data.corpus_record): the file list with
+                   sizes and the dataset's digest, checked by `--resume`
     rng            state of the generator that draws the training windows (PCG64, as JSON)
     best_val_loss  lowest validation loss so far (null before the first evaluation)
     elapsed        seconds of training so far, over every run that led here
@@ -16,6 +18,7 @@ With these, a resumed run repeats exactly what the uninterrupted run would have 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ class TrainingState:
     rng: np.random.Generator
     best_val_loss: float | None
     elapsed: float
+    corpus: dict | None = None    # data.corpus_record of the run's dataset; None before 0.2
 
 
 @dataclass
@@ -55,7 +59,7 @@ def save_checkpoint(folder: str | os.PathLike, model: Model, optimizer: AdamW,
     path = checkpoint_path(folder, state.step)
     training = dict(step=state.step, rng=state.rng.bit_generator.state,
                     best_val_loss=state.best_val_loss, elapsed=state.elapsed,
-                    settings=dataclasses.asdict(run))
+                    settings=dataclasses.asdict(run), corpus=state.corpus)
     moments = {"m": model.config.views(optimizer.m), "v": model.config.views(optimizer.v)}
     save_cllm(path, model.params, model.config, tokenizer_to_json(model.tokenizer), moments,
               training)
@@ -76,6 +80,9 @@ def newest_checkpoint(folder: str | os.PathLike) -> Checkpoint:
         except CllmError as e:  # CheckpointError, or DataError for a broken stored tokenizer
             problems.append(str(e))
             continue
+        except Exception as e:  # whatever else a damaged file causes: it is not resumed from
+            problems.append(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}")
+            continue
         for problem in problems:
             print(f"warning: skipping a damaged checkpoint: {problem}", file=sys.stderr)
         return checkpoint
@@ -94,12 +101,34 @@ def load_checkpoint(path: Path) -> Checkpoint:
         settings = training["settings"] if "settings" in training else training["args"]
         rng = np.random.Generator(np.random.PCG64())
         rng.bit_generator.state = training["rng"]
+        corpus = training.get("corpus")
+        if not isinstance(settings, dict):
+            raise TypeError("the settings are not a JSON object")
+        TrainConfig.check_saved(settings)
+        if corpus is not None:
+            _check_corpus_record(corpus)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})") from e
-    if not (isinstance(step, int) and step >= 0 and isinstance(settings, dict)
-            and isinstance(elapsed, (int, float)) and isinstance(best, (int, float, type(None)))):
-        raise CheckpointError(f"{path}: damaged training state (step, settings, elapsed or "
+    if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0
+            and _is_number(elapsed) and (best is None or _is_number(best))):
+        raise CheckpointError(f"{path}: damaged training state (step, elapsed or "
                               f"best_val_loss has the wrong type)")
     moments = {name: f.config.flatten(tensors) for name, tensors in f.optimizer.items()}
-    return Checkpoint(path, Model.load(path, writable=True), moments,
-                      TrainingState(step, rng, best, float(elapsed)), settings)
+    model = Model.from_file(f, path, writable=True)
+    if not all(np.isfinite(a).all() for a in (model.flat, *moments.values())):
+        raise CheckpointError(f"{path}: the weights or the optimizer state hold values that "
+                              f"are not finite (NaN or infinity)")
+    return Checkpoint(path, model, moments,
+                      TrainingState(step, rng, best, float(elapsed), corpus), settings)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_corpus_record(corpus) -> None:
+    if not (isinstance(corpus, dict) and isinstance(corpus.get("dataset_sha256"), str)
+            and isinstance(corpus.get("files"), list)
+            and all(isinstance(f, list) and len(f) == 2 and isinstance(f[0], str)
+                    and isinstance(f[1], int) for f in corpus["files"])):
+        raise ValueError("the corpus record is not a file list and a dataset digest")

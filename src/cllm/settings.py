@@ -139,6 +139,10 @@ class TrainConfig:
     init_from: str | None = setting(None, flags=("--init-from",), metavar="FILE.cllm",
                                     role=PLACE, help="start from this model's weights (and "
                                     "tokenizer, if it has one)")
+    accept_changed_data: bool = setting(False, flags=("--accept-changed-data",),
+                                        action="store_true", role=PLACE,
+                                        help="with --resume: continue although the corpus "
+                                             "differs from the one the checkpoint trained on")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -151,6 +155,32 @@ class TrainConfig:
         such as those old files' architecture arguments, are left out."""
         names = {f.name for f in dataclasses.fields(cls)}
         return {name: value for name, value in saved.items() if name in names}
+
+    @classmethod
+    def check_saved(cls, saved: dict) -> None:
+        """Raise ValueError naming the first saved setting whose value its flag would not
+        accept (a damaged or hand-edited checkpoint)."""
+        for f in flagged_fields(cls):
+            if f.name not in saved:
+                continue
+            value, meta = saved[f.name], f.metadata
+            if value is None and f.default is None:
+                continue
+            if meta["action"] == "store_true":
+                ok = isinstance(value, bool)
+            elif meta["choices"] is not None:
+                ok = value in meta["choices"]
+            elif meta["type"] is None:
+                ok = isinstance(value, str)
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                try:
+                    ok = ok and meta["type"](str(value)) == value
+                except argparse.ArgumentTypeError:
+                    ok = False
+            if not ok:
+                raise ValueError(f"the saved setting {f.name} = {value!r} is not a value "
+                                 f"{meta['flags'][-1]} accepts")
 
     def role_values(self, role: str) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

@@ -135,7 +135,12 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
         # Lone surrogates: Python decodes command-line bytes that are not UTF-8 into these.
         raise DataError(f"prompt is not valid Unicode text: {e.reason} at position {e.start} "
                         "(was it given in an encoding other than UTF-8?)") from e
-    return encode_batch(tokenizer, [text], "prompt")[0].tolist()
+    try:
+        return encode_batch(tokenizer, [text], "prompt")[0].tolist()
+    except DataError:
+        raise
+    except Exception as e:  # the Rust side raises a bare Exception for whatever it cannot do
+        raise DataError(f"the model's tokenizer cannot encode the prompt: {e}") from e
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
@@ -153,6 +158,27 @@ def tokenizer_from_json(text: str) -> Tokenizer:
         raise DataError(f"the stored tokenizer is not a valid tokenizers JSON document: {e}") from e
 
 
+def checked_tokenizer(text: str, vocab_size: int, source: str) -> Tokenizer:
+    """The tokenizer stored in `source` for a model of vocab_size tokens, once it is known to
+    fit the model and to encode and decode: a sample of its own vocabulary, decoded then
+    encoded again."""
+    try:
+        tokenizer = tokenizer_from_json(text)
+    except DataError as e:
+        raise DataError(f"{source}: {e}") from e
+    size = tokenizer.get_vocab_size()
+    if not 1 <= size <= vocab_size:
+        raise DataError(f"{source}: the tokenizer has {size} tokens, but the model has room "
+                        f"for {vocab_size} (and needs at least one)")
+    try:
+        sample = decode(tokenizer, range(min(size, 64)))
+        encode_batch(tokenizer, [sample], source)
+    except Exception as e:  # DataError from a character tokenizer, bare Exception from Rust
+        raise DataError(f"{source}: the stored tokenizer cannot encode and decode text: "
+                        f"{e}") from e
+    return tokenizer
+
+
 def save_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> None:
     """Write `tokenizer.json` and a human-readable `vocab.txt` (one token per line, by id)."""
     folder = Path(folder)
@@ -166,7 +192,9 @@ def token_display(tokenizer: Tokenizer, token_id: int) -> str:
     with newlines, tabs, other non-printables and bytes that are not whole UTF-8 characters
     escaped as Python would (\\n, \\t, \\x00, \\xf0), but without quotes."""
     token = tokenizer.id_to_token(token_id)
-    if isinstance(tokenizer.decoder, decoders.ByteLevel):
+    # added tokens (GPT-2's <|endoftext|>) are plain text, not spelled in byte-level characters
+    if isinstance(tokenizer.decoder, decoders.ByteLevel) \
+            and token_id not in tokenizer.get_added_tokens_decoder():
         raw = bytes(_unicode_to_byte()[char] for char in token)
         # surrogateescape keeps each stray byte distinguishable, so _escape can show it as \xNN.
         token = raw.decode("utf-8", errors="surrogateescape")
@@ -184,6 +212,19 @@ def _escape(text: str) -> str:
         else:
             out.append(char)
     return "".join(out)
+
+
+def byte_level_spelling(text: str | bytes) -> str:
+    """Text (as its UTF-8) or bytes as byte-level BPE spells them: each byte by its GPT-2
+    character."""
+    to_char = _byte_to_unicode()
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return "".join(to_char[b] for b in data)
+
+
+@lru_cache(maxsize=1)
+def _byte_to_unicode() -> dict[int, str]:
+    return {b: char for char, b in _unicode_to_byte().items()}
 
 
 @lru_cache(maxsize=1)

@@ -13,8 +13,8 @@ import math
 import os
 import shlex
 import signal
-import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +23,16 @@ from tqdm import tqdm
 from .architecture import DERIVED_IN_TRAINING, check_architecture, chosen_architecture
 from .checkpoint import list_checkpoints
 from .config import ModelConfig
-from .data import (build_dataset, find_text_files, iter_texts, iter_windows_sequential,
-                   open_dataset, sample_windows, split_train_val)
-from .errors import CllmError, DataError
+from .data import (build_dataset, corpus_change, corpus_record, find_text_files, iter_texts,
+                   iter_windows_sequential, open_dataset, sample_windows, split_train_val)
+from .errors import CllmError, DataError, Stopped, UnverifiedFile
 from .fileio import remove_stale_temporaries
 from .metrics import MetricsLog, read_metrics, truncate_metrics
 from .model import Model
 from .optim import AdamW, Schedule, train_step
 from .report import generate_samples, peak_memory_mb, plot_losses, write_samples, write_stats
 from .resume import Checkpoint, TrainingState, newest_checkpoint, save_checkpoint
+from .runlock import run_lock
 from .settings import TrainConfig, check_agrees
 from .threads import usable_cores
 from .tokenizer import save_tokenizer, tokenizer_kind, train_bpe, train_char
@@ -51,6 +52,14 @@ def train(args: argparse.Namespace, explicit: set[str]) -> None:
     run = TrainConfig.from_args(args)
     architecture = chosen_architecture(args, DERIVED_IN_TRAINING)
     out = _output_folder(Path(run.checkpoint))
+    with run_lock(out):
+        # a killed run's partial files: a checkpoint's can be as large as the model three times
+        remove_stale_temporaries(out)
+        _phases(run, architecture, explicit, out, started)
+
+
+def _phases(run: TrainConfig, architecture: dict, explicit: set[str], out: Path,
+            started: float) -> None:
     resumed = initial = None
     if run.resume:
         resumed = newest_checkpoint(out)
@@ -86,6 +95,9 @@ def train(args: argparse.Namespace, explicit: set[str]) -> None:
     _announce(3)
     with _bar(files.total_bytes, "encoding", unit="B", unit_scale=True) as bar:
         build_dataset(tokenizer, files, out / "dataset.bin", bar.update)
+    corpus = corpus_record(files, out / "dataset.bin")
+    if resumed is not None:
+        _check_same_data(run, resumed, corpus)
     tokens = open_dataset(out / "dataset.bin", vocab_size)
     train_split, val_split = split_train_val(tokens, run.val_fraction)
     _require_sequences(run, train_split, val_split)
@@ -94,6 +106,7 @@ def train(args: argparse.Namespace, explicit: set[str]) -> None:
 
     _announce(4)
     model, optimizer, state = _initial_model(run, architecture, tokenizer, resumed, initial)
+    state.corpus = corpus
     print(f"  GPT-2: {model.config.describe()}", flush=True)
 
     _announce(5)
@@ -125,8 +138,6 @@ def _output_folder(folder: Path) -> Path:
         raise CllmError(f"{folder}: cannot create the checkpoint folder: {e.strerror}") from e
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CllmError(f"{folder}: the checkpoint folder is not writable")
-    # a killed run's partial files: a checkpoint's can be as large as the model three times
-    remove_stale_temporaries(folder)
     return folder
 
 
@@ -156,6 +167,22 @@ def _take_architecture(run: TrainConfig, architecture: dict, explicit: set[str],
         raise CllmError(f"--seq-len {run.seq_len} exceeds the context of {run.init_from} "
                         f"({n_ctx} tokens)")
     return run
+
+
+def _check_same_data(run: TrainConfig, resumed: Checkpoint, corpus: dict) -> None:
+    """A resumed run continues exactly only on the data it was trained on."""
+    if resumed.state.corpus is None:
+        warnings.warn(f"{resumed.path} does not record the corpus it was trained on (written "
+                      f"by cllm 0.1): the data cannot be checked", UnverifiedFile)
+        return
+    change = corpus_change(resumed.state.corpus, corpus)
+    if change is None:
+        return
+    if not run.accept_changed_data:
+        raise DataError(f"{run.data} differs from the corpus {resumed.path.name} was trained "
+                        f"on: {change}. Resuming would not continue the same run; give "
+                        f"--accept-changed-data to train on the new data anyway")
+    print(f"  continuing on changed data ({change})", flush=True)
 
 
 def _resolve(run: TrainConfig) -> TrainConfig:
@@ -229,21 +256,30 @@ def _metrics_log(path: Path, step: int):
         log.close()
 
 
+# Ctrl-C, a scheduler's stop (Slurm and Kubernetes send SIGTERM, then wait a grace period) and
+# a closed terminal: each checkpoints the finished step and ends the run.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def _deferred_interrupt():
-    """Ctrl-C sets the event instead of raising, so that the step in progress finishes and
-    is checkpointed; a second Ctrl-C interrupts at once."""
-    interrupted = threading.Event()
+def _deferred_stop():
+    """A stop signal is recorded (in the yielded list) instead of acting, so that the step in
+    progress finishes and is checkpointed; a second one acts at once (KeyboardInterrupt for
+    SIGINT, the default end of the process for the others)."""
+    received: list[int] = []
 
     def handler(signum, frame):
-        interrupted.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        received.append(signum)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
-        yield interrupted
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, action in previous.items():
+            signal.signal(sig, action)
 
 
 def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState, total_steps: int,
@@ -264,7 +300,7 @@ def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: Trainin
     resumed_elapsed, loop_start = state.elapsed, time.perf_counter()
     smoothed_rate = None
     with _bar(total_steps, "training", initial=state.step, unit="step") as bar, \
-            _deferred_interrupt() as interrupted:
+            _deferred_stop() as stop_signals:
         while state.step < total_steps:
             step_start = time.perf_counter()
             # Node Zero: the batch of random windows every sphere's share is cut from
@@ -291,12 +327,13 @@ def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: Trainin
             bar.set_postfix_str(f"loss {done.loss:.4f}, lr {done.lr:.2e}, "
                                 f"{smoothed_rate:,.0f} tokens/s", refresh=False)
             bar.update()
-            if interrupted.is_set():
+            if stop_signals:
                 path = saved or save_checkpoint(out, model, optimizer, state, run)
                 bar.close()
-                print(f"interrupted: step {step} saved to {path}; continue with --resume",
-                      flush=True)
-                raise KeyboardInterrupt
+                how = ("interrupted" if stop_signals[0] == signal.SIGINT
+                       else f"stopped by {signal.Signals(stop_signals[0]).name}")
+                print(f"{how}: step {step} saved to {path}; continue with --resume", flush=True)
+                raise Stopped(stop_signals[0])
 
 
 def _mean_loss(model: Model, batches, spheres: int, threads: int) -> tuple[float, float]:
