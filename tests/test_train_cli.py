@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -41,7 +42,7 @@ def full_run(corpus, tmp_path_factory):
     return out, stdout.getvalue()
 
 
-def test_six_phases_write_every_file(full_run):
+def test_six_phases_write_every_file(full_run, capsys):
     out, stdout = full_run
     phases = ["Data loading", "Vocabulary building", "Dataset creation",
               "Model initialization", "Training", "Final save"]
@@ -80,6 +81,13 @@ def test_six_phases_write_every_file(full_run):
     assert (out / "loss.png").read_bytes().startswith(b"\x89PNG")
     samples = (out / "samples.txt").read_text()
     assert samples.count("----- sample") == 3 and samples in stdout.replace("\r", "") + samples
+    # the last line says how to use what the run made, and that command works
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("generate with it: cllm infer -m ")
+    command = shlex.split(last.split(": ", 1)[1])
+    code, text, err = run_cli(capsys, *command[1:4], "-p", "the", "-n", "5", "--seed", "1")
+    assert code == 0, err
+    assert text.startswith("the")
 
 
 def test_learning_rate_schedule():

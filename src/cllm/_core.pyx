@@ -525,7 +525,7 @@ def crystalline_targets(const int64_t[:, ::1] targets, const int32_t[:, ::1] ula
 # Logits (rows x V floats) computed at once: the head and the loss run over blocks of rows of
 # at most this many logits. Larger blocks re-read dhead less often; smaller ones save memory.
 cdef enum:
-    LOGIT_BLOCK = 1 << 22
+    LOGIT_BLOCK = 1 << 23
 
 
 cdef inline int logit_rows(int N, int V) noexcept nogil:
