@@ -850,18 +850,27 @@ cdef class Transformer:
         return spaces
 
     cdef tuple run(self, const int64_t[:, ::1] idx, const int64_t[:, ::1] targets,
-                   float[:, :, ::1] logits_out, int spheres, int threads, int mode):
-        """Every sphere of a batch: (mean training loss, mean plain cross-entropy) over the
-        targets that are not -1 (both 0 in MODE_LOGITS). MODE_GRADS leaves the gradient in
-        grad_buf; MODE_LOGITS writes logits_out (B, T, V)."""
+                   float[:, :, ::1] logits_out, int spheres, int threads, int mode,
+                   int first=0, int last=-1, float[:, ::1] keep=None):
+        """The spheres of a batch: (losses, n_targets), losses (S, 2) float64 holding each
+        sphere's summed training loss and plain cross-entropy, n_targets the batch's targets
+        that are not -1. MODE_GRADS leaves the gradient (their left-to-right sum) in grad_buf;
+        MODE_LOGITS writes logits_out (B, T, V).
+
+        With `keep` (MODE_GRADS only), only spheres first..last-1 run (a process's block at
+        the recursive level), sphere s writing its own gradient to keep[s - first], unsummed."""
         from .threads import blas_single_threaded
         cdef Dims d = self.d          # a copy: this batch's crystalline rows go into it
         cdef int B = idx.shape[0], T = idx.shape[1]
         cdef int active = min(spheres, B)
+        if keep is not None:
+            first, last = max(0, first), min(last, active)
+        else:
+            first, last = 0, active
         cdef int nbmax = (B + spheres - 1) // spheres
         cdef int s, j, r, b, k, w0, seg, nseg, tid
         cdef Py_ssize_t n_targets = 0, lo, hi, n
-        threads = max(1, min(threads, active, MAX_THREADS))
+        threads = max(1, min(threads, max(1, last - first), MAX_THREADS))
         if mode != MODE_LOGITS:
             for b in range(B):
                 for j in range(T):
@@ -879,7 +888,7 @@ cdef class Transformer:
         for j in range(threads):
             ws = spaces[j]
             acts_of_thread[j] = &ws.acts
-        if mode == MODE_GRADS and self.wave_grads.shape[0] < threads:
+        if mode == MODE_GRADS and keep is None and self.wave_grads.shape[0] < threads:
             self.wave_grads = None     # drop the smaller set before allocating the larger
             self.wave_grads = np.empty((threads, self.P), np.float32)
         cdef double[:, ::1] losses = np.zeros((spheres, 2), dtype=np.float64)
@@ -902,13 +911,13 @@ cdef class Transformer:
         cdef float *result = &self.grad_buf[0]
         cdef float *grads
         with blas_single_threaded():
-            if mode != MODE_GRADS:
-                for s in prange(active, nogil=True, num_threads=threads, schedule="dynamic",
-                                chunksize=1):
+            if mode != MODE_GRADS or keep is not None:
+                for s in prange(first, last, nogil=True, num_threads=threads,
+                                schedule="dynamic", chunksize=1):
                     tid = threadid()
                     losses[s, 0] = sphere_step(
-                        &d, self.p, NULL, acts_of_thread[tid], &sphere_idx[s, 0],
-                        &sphere_tgt[s, 0],
+                        &d, self.p, &keep[s - first, 0] if keep is not None else NULL,
+                        acts_of_thread[tid], &sphere_idx[s, 0], &sphere_tgt[s, 0],
                         &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
                         sphere_nb[s], T, mode, dscale, &losses[s, 1])
             else:
@@ -934,13 +943,7 @@ cdef class Transformer:
                 s = b % spheres
                 j = b // spheres
                 logits_out[b] = sphere_logits[s, j * T:(j + 1) * T]
-            return 0.0, 0.0
-        # the sphere sums added in sphere order, over the number of target tokens
-        cdef double total = 0.0, ce = 0.0
-        for s in range(active):
-            total += losses[s, 0]
-            ce += losses[s, 1]
-        return total / n_targets, ce / n_targets
+        return np.asarray(losses), n_targets
 
     def forward(self, const int64_t[:, ::1] idx, float[:, :, ::1] logits, int spheres,
                 int threads):
@@ -951,12 +954,24 @@ cdef class Transformer:
              int threads):
         """(mean training loss, mean plain cross-entropy) over the targets that are not -1;
         the two agree unless loss="crystalline"."""
-        return self.run(idx, targets, None, spheres, threads, MODE_LOSS)
+        return mean_losses(*self.run(idx, targets, None, spheres, threads, MODE_LOSS))
 
     def loss_and_grads(self, const int64_t[:, ::1] idx, const int64_t[:, ::1] targets,
                        int spheres, int threads):
         """As loss, and the training loss's gradient left in `grad`."""
-        return self.run(idx, targets, None, spheres, threads, MODE_GRADS)
+        return mean_losses(*self.run(idx, targets, None, spheres, threads, MODE_GRADS))
+
+    def sphere_losses_and_grads(self, const int64_t[:, ::1] idx,
+                                const int64_t[:, ::1] targets, int spheres, int first,
+                                int last, int threads, float[:, ::1] keep):
+        """Spheres first..last-1 of the S of a batch, a process's block at the recursive
+        level: sphere s writes its gradient to keep[s - first]. Returns (losses, n_targets):
+        losses (S, 2) float64 with the summed training loss and plain cross-entropy of those
+        spheres in their rows (zero elsewhere), n_targets those of the whole batch. Spheres
+        holding no sequence (s >= B) do not run and leave their keep rows as they were."""
+        if keep.shape[0] < last - first or keep.shape[1] != self.P:
+            raise ValueError(f"keep must have shape ({last - first}, {self.P})")
+        return self.run(idx, targets, None, spheres, threads, MODE_GRADS, first, last, keep)
 
     def grad_norm(self, int threads):
         """Global L2 norm of `grad`."""
@@ -974,6 +989,17 @@ cdef class Transformer:
     def decoder(self, int threads):
         """A fresh generation state (key/value cache) over these parameters."""
         return Decoder(self, threads)
+
+
+def mean_losses(const double[:, ::1] losses, Py_ssize_t n_targets):
+    """(mean training loss, mean plain cross-entropy): the spheres' sums added in sphere order
+    (left to right, as CRYSTALLINE.md section 1 defines), over the number of target tokens."""
+    cdef double total = 0.0, ce = 0.0
+    cdef Py_ssize_t s
+    for s in range(losses.shape[0]):
+        total += losses[s, 0]
+        ce += losses[s, 1]
+    return (total / n_targets, ce / n_targets) if n_targets else (0.0, 0.0)
 
 
 # ----------------------------------------------------------------------------------------------

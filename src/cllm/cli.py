@@ -139,7 +139,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         target.print_help()
     elif args.command == "train":
         from .train import train
-        train(args, explicit_flags(argv))
+        train(args, explicit_flags(argv), argv)
     elif args.command == "infer":
         if args.prompt is None and not args.interactive:
             _subparser(parser, "infer").error("give a prompt with -p/--prompt, or -i for "
@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _show_notice
-        return _run_reporting(parser, args, argv)
+        code = _run_reporting(parser, args, argv)
+    if code != 0 and args.command == "train":
+        from .parallel import end_job_after_failure
+        end_job_after_failure(code)
+    return code
 
 
 def _show_notice(message, category, filename, lineno, file=None, line=None) -> None:

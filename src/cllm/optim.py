@@ -56,23 +56,28 @@ class StepResult(NamedTuple):
 
 
 def train_step(model, optimizer: AdamW, schedule: Schedule, x, y, grad_clip: float = 1.0,
-               spheres: int = 12, threads: int | None = None) -> StepResult:
+               spheres: int = 12, threads: int | None = None, group=None) -> StepResult:
     """One training step on the batch (x, y): loss and gradients over the spheres, the
     gradient's norm, clipping to grad_clip (0: none), and AdamW at the scheduled rate of the
     optimizer's next step. The same for every thread count, bit for bit. A loss or norm that
-    is not finite raises NonFiniteError before the optimizer touches the weights."""
+    is not finite raises NonFiniteError before the optimizer touches the weights. With a
+    parallel.ProcessGroup, this process runs its block of the spheres and the result is the
+    same as one process's, on every rank."""
     threads = positive_count("threads", threads, usable_cores())
-    losses, _ = model.loss_and_grads(x, y, spheres=spheres, threads=threads)
+    if group is None:
+        (loss, ce), _ = model.loss_and_grads(x, y, spheres=spheres, threads=threads)
+    else:
+        loss, ce = group.loss_and_grads(model, x, y, spheres, threads)
     norm = model.core.grad_norm(threads)
     step = optimizer.step_count + 1
-    if not (math.isfinite(losses.loss) and math.isfinite(norm)):
-        raise NonFiniteError(f"step {step}: the training loss is {losses.loss:g} and the "
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise NonFiniteError(f"step {step}: the training loss is {loss:g} and the "
                              f"gradient norm {norm:g}; the weights were left as they were "
                              f"after step {step - 1}")
     lr = schedule.rate(step)
     optimizer.step(model.grad_flat, lr=lr, grad_scale=clip_scale(norm, grad_clip),
                    threads=threads)
-    return StepResult(losses.loss, losses.ce, norm, lr)
+    return StepResult(loss, ce, norm, lr)
 
 
 def clip_scale(grad_norm: float, max_norm: float) -> float:

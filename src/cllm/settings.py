@@ -139,6 +139,10 @@ class TrainConfig:
     init_from: str | None = setting(None, flags=("--init-from",), metavar="FILE.cllm",
                                     role=PLACE, help="start from this model's weights (and "
                                     "tokenizer, if it has one)")
+    processes: int = setting(1, flags=("--processes",), type=positive_int, metavar="N",
+                             role=PLACE, help="train on N processes of this machine through "
+                             "mpiexec (the recursive level; --threads is per process; the "
+                             "result is that of one process)")
     accept_changed_data: bool = setting(False, flags=("--accept-changed-data",),
                                         action="store_true", role=PLACE,
                                         help="with --resume: continue although the corpus "

@@ -33,6 +33,7 @@ from .optim import AdamW, Schedule, train_step
 from .report import generate_samples, peak_memory_mb, plot_losses, write_samples, write_stats
 from .resume import Checkpoint, TrainingState, newest_checkpoint, save_checkpoint
 from .runlock import run_lock
+from . import parallel
 from .settings import TrainConfig, check_agrees
 from .threads import usable_cores
 from .tokenizer import save_tokenizer, tokenizer_kind, train_bpe, train_char
@@ -45,21 +46,61 @@ _TRAIN_WINDOWS, _EVAL_WINDOWS = 1, 2
 FINAL_MODEL = "final_model.cllm"
 
 
-def train(args: argparse.Namespace, explicit: set[str]) -> None:
+def train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> None:
     """Run the six phases. `explicit` names the flags the user gave (their field names): only
-    those may contradict a checkpoint or model file, and only to raise an error."""
+    those may contradict a checkpoint or model file, and only to raise an error. `argv` is the
+    command line, which --processes N runs again as an MPI job of N processes."""
     started = time.perf_counter()
     run = TrainConfig.from_args(args)
+    if run.processes > 1 and parallel.world_size() == 1:
+        _launched(run, argv)
+        return
+    group = parallel.ProcessGroup() if parallel.world_size() > 1 else None
+    if group is not None and group.rank > 0:
+        _follow(group, run)
+        return
     architecture = chosen_architecture(args, DERIVED_IN_TRAINING)
     out = _output_folder(Path(run.checkpoint))
     with run_lock(out):
         # a killed run's partial files: a checkpoint's can be as large as the model three times
         remove_stale_temporaries(out)
-        _phases(run, architecture, explicit, out, started)
+        _phases(run, architecture, explicit, out, started, group)
+
+
+def _launched(run: TrainConfig, argv: list[str]) -> None:
+    code = parallel.launch(run.processes, parallel.without_processes_flag(argv), run.threads)
+    if code in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP):
+        raise Stopped(code - 128)
+    if code != 0:
+        raise CllmError(f"the training job of {run.processes} processes ended with exit status "
+                        f"{code} (the lines above say which process failed and why); the "
+                        f"checkpoints in {run.checkpoint} are intact: continue with --resume")
+
+
+def _follow(group: parallel.ProcessGroup, run: TrainConfig) -> None:
+    """A rank other than Node Zero: it trains its block of spheres on Node Zero's batches and
+    keeps the same weights, step by step, until Node Zero says stop. Stop signals are Node
+    Zero's to act on (mpiexec delivers them to every rank)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    config, settings, step, total_steps = group.share()
+    settings = TrainConfig(**settings)
+    model = Model(ModelConfig(**config))
+    optimizer = AdamW(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                      weight_decay=settings.weight_decay)
+    for array in (model.flat, optimizer.m, optimizer.v):
+        group.share_array(array)
+    optimizer.step_count = step
+    schedule = Schedule(settings.lr, settings.min_lr, settings.warmup, total_steps)
+    threads = run.threads or usable_cores()
+    while (command := group.share())[0] == parallel.STEP:
+        _, x, y = command
+        train_step(model, optimizer, schedule, x, y, settings.grad_clip, settings.spheres,
+                   threads, group)
 
 
 def _phases(run: TrainConfig, architecture: dict, explicit: set[str], out: Path,
-            started: float) -> None:
+            started: float, group: parallel.ProcessGroup | None) -> None:
     resumed = initial = None
     if run.resume:
         resumed = newest_checkpoint(out)
@@ -112,9 +153,17 @@ def _phases(run: TrainConfig, architecture: dict, explicit: set[str], out: Path,
     _announce(5)
     total_steps = run.max_steps or max(
         1, run.epochs * (len(train_split) // (run.batch * run.seq_len)))
+    if group is not None:
+        group.share((model.config.to_dict(), dataclasses.asdict(run), optimizer.step_count,
+                     total_steps))
+        for array in (model.flat, optimizer.m, optimizer.v):
+            group.share_array(array)
+        print(f"  {group.size} processes, spheres in blocks of "
+              f"{', '.join(str(b - a) for a, b in _blocks(run.spheres, group.size))}",
+              flush=True)
     with _metrics_log(out / "metrics.jsonl", state.step) as metrics:
         _train_loop(run, model, optimizer, state, total_steps, train_split, val_split, out,
-                    metrics)
+                    metrics, group)
         _announce(6)
         _final_save(run, model, state, val_split, train_split, out, metrics, started)
 
@@ -282,8 +331,30 @@ def _deferred_stop():
             signal.signal(sig, action)
 
 
-def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState, total_steps: int,
-                train_split, val_split, out: Path, metrics: MetricsLog) -> None:
+def _blocks(spheres: int, processes: int) -> list[tuple[int, int]]:
+    sizes = [spheres // processes + (p < spheres % processes) for p in range(processes)]
+    return [(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(processes)]
+
+
+def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState,
+                total_steps: int, train_split, val_split, out: Path, metrics: MetricsLog,
+                group: parallel.ProcessGroup | None) -> None:
+    # the other ranks end with Node Zero's training, whether it finished or was stopped by a
+    # signal; after an error, the command aborts the whole job instead
+    try:
+        _steps(run, model, optimizer, state, total_steps, train_split, val_split, out, metrics,
+               group)
+    except Stopped:
+        if group is not None:
+            parallel.release(group)
+        raise
+    if group is not None:
+        parallel.release(group)
+
+
+def _steps(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState,
+           total_steps: int, train_split, val_split, out: Path, metrics: MetricsLog,
+           group: parallel.ProcessGroup | None) -> None:
     B, T = run.batch, run.seq_len
     threads = run.threads or usable_cores()
     evaluating = run.eval_every > 0 and len(val_split) > 0
@@ -305,8 +376,10 @@ def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: Trainin
             step_start = time.perf_counter()
             # Node Zero: the batch of random windows every sphere's share is cut from
             x, y = sample_windows(state.rng, train_split, B, T, "the training split")
+            if group is not None:
+                group.share((parallel.STEP, x, y))
             done = train_step(model, optimizer, schedule, x, y, run.grad_clip, run.spheres,
-                              threads)
+                              threads, group)
             rate = B * T / (time.perf_counter() - step_start)
             state.step = step = optimizer.step_count
             state.elapsed = resumed_elapsed + time.perf_counter() - loop_start
