@@ -12,7 +12,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,mpi]"
 	rm -f $(VENV)/.installed-*
 	touch $@
 

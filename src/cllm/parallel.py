@@ -68,31 +68,30 @@ class ProcessGroup:
         x, y = np.ascontiguousarray(x, np.int64), np.ascontiguousarray(y, np.int64)
         losses, n_targets = model.core.sphere_losses_and_grads(x, y, spheres, first, last,
                                                                threads, self._keep)
-        mine = range(first, min(last, min(spheres, len(x))))
+        mine = min(last, min(spheres, len(x))) - first   # spheres that hold sequences
         running = np.zeros(2)
-        if self.rank > 0:
-            self.comm.Recv(running, source=self.rank - 1)
-        for s in mine:
-            running += losses[s]
-        self._pass_on(running)
-        grad = model.grad_flat
-        for lo in range(0, size, CHUNK):
-            part = grad[lo:lo + CHUNK]
-            if self.rank == 0:
-                part[...] = self._keep[0, lo:lo + CHUNK]     # sphere 0 starts the sum
-            else:
-                self.comm.Recv(part, source=self.rank - 1)
-            for s in mine:
-                if s > 0:
-                    part += self._keep[s - first, lo:lo + CHUNK]
-            self._pass_on(part)
-        self.comm.Bcast(grad, root=self.size - 1)
-        self.comm.Bcast(running, root=self.size - 1)
+        self.chain_sum(losses[first:first + mine], running)
+        self.chain_sum(self._keep[:mine], model.grad_flat)
         return running[0] / n_targets, running[1] / n_targets
 
-    def _pass_on(self, array: np.ndarray) -> None:
-        if self.rank < self.size - 1:
-            self.comm.Send(array, dest=self.rank + 1)
+    def chain_sum(self, mine: np.ndarray, out: np.ndarray) -> None:
+        """out <- the left-to-right sum of every rank's rows of `mine` (this rank's spheres,
+        in order; rank 0's first row is sphere 0), on every rank: each rank adds its rows to
+        the running sum of the ranks before it, chunk by chunk, and the last rank broadcasts
+        the total. The same sums, element by element, as one process adding all the rows."""
+        flat_out = out.reshape(-1)
+        rows = mine.reshape(len(mine), flat_out.size)
+        for lo in range(0, flat_out.size, CHUNK):
+            part = flat_out[lo:lo + CHUNK]
+            if self.rank == 0:
+                part[...] = rows[0, lo:lo + CHUNK]
+            else:
+                self.comm.Recv(part, source=self.rank - 1)
+            for row in rows[1 if self.rank == 0 else 0:]:
+                part += row[lo:lo + CHUNK]
+            if self.rank < self.size - 1:
+                self.comm.Send(part, dest=self.rank + 1)
+        self.comm.Bcast(out, root=self.size - 1)
 
     # ---- Node Zero's messages ----
 
