@@ -310,18 +310,28 @@ def _metrics_log(path: Path, step: int):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+# A signal within this many seconds of the first is the same request arriving twice (a
+# terminal's Ctrl-C reaches every process of an MPI job, and mpiexec forwards it again).
+_SAME_REQUEST_SECONDS = 1.0
+
+
 @contextlib.contextmanager
 def _deferred_stop():
     """A stop signal is recorded (in the yielded list) instead of acting, so that the step in
-    progress finishes and is checkpointed; a second one acts at once (KeyboardInterrupt for
-    SIGINT, the default end of the process for the others)."""
+    progress finishes and is checkpointed; another one, later than _SAME_REQUEST_SECONDS,
+    acts at once (KeyboardInterrupt for SIGINT, the signal's default end for the others)."""
     received: list[int] = []
+    first_at: list[float] = []
 
     def handler(signum, frame):
-        received.append(signum)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+        if not received:
+            received.append(signum)
+            first_at.append(time.monotonic())
+        elif time.monotonic() - first_at[0] > _SAME_REQUEST_SECONDS:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
@@ -339,22 +349,24 @@ def _blocks(spheres: int, processes: int) -> list[tuple[int, int]]:
 def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState,
                 total_steps: int, train_split, val_split, out: Path, metrics: MetricsLog,
                 group: parallel.ProcessGroup | None) -> None:
-    # the other ranks end with Node Zero's training, whether it finished or was stopped by a
-    # signal; after an error, the command aborts the whole job instead
-    try:
-        _steps(run, model, optimizer, state, total_steps, train_split, val_split, out, metrics,
-               group)
-    except Stopped:
+    # The other ranks end with Node Zero's training, whether it finished or was stopped by a
+    # signal (still deferred meanwhile, so that a copy of the same signal cannot interrupt
+    # the release); after an error, the command aborts the whole job instead.
+    with _deferred_stop() as stop_signals:
+        try:
+            _steps(run, model, optimizer, state, total_steps, train_split, val_split, out,
+                   metrics, group, stop_signals)
+        except Stopped:
+            if group is not None:
+                parallel.release(group)
+            raise
         if group is not None:
             parallel.release(group)
-        raise
-    if group is not None:
-        parallel.release(group)
 
 
 def _steps(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState,
            total_steps: int, train_split, val_split, out: Path, metrics: MetricsLog,
-           group: parallel.ProcessGroup | None) -> None:
+           group: parallel.ProcessGroup | None, stop_signals: list[int]) -> None:
     B, T = run.batch, run.seq_len
     threads = run.threads or usable_cores()
     evaluating = run.eval_every > 0 and len(val_split) > 0
@@ -370,8 +382,7 @@ def _steps(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingStat
     schedule = Schedule(run.lr, run.min_lr, run.warmup, total_steps)
     resumed_elapsed, loop_start = state.elapsed, time.perf_counter()
     smoothed_rate = None
-    with _bar(total_steps, "training", initial=state.step, unit="step") as bar, \
-            _deferred_stop() as stop_signals:
+    with _bar(total_steps, "training", initial=state.step, unit="step") as bar:
         while state.step < total_steps:
             step_start = time.perf_counter()
             # Node Zero: the batch of random windows every sphere's share is cut from
