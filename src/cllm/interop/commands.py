@@ -59,9 +59,11 @@ def run_export(args: argparse.Namespace) -> None:
             f"the crystalline model, with its own {REMOTE_FILES[1]}"
         print(f"wrote {args.output}: {', '.join(p.name for p in written)} ({kind})")
         remote = "" if is_gpt2(model.config) else ", trust_remote_code=True"
+        tokenizer = f"; tokenizer = AutoTokenizer.from_pretrained({args.output!r}{remote})" \
+            if model.tokenizer is not None else " (the model has no tokenizer to go with it)"
         print(f"load it with: from transformers import AutoModelForCausalLM, AutoTokenizer; "
-              f"model = AutoModelForCausalLM.from_pretrained({args.output!r}{remote}); "
-              f"tokenizer = AutoTokenizer.from_pretrained({args.output!r}{remote})")
+              f"model = AutoModelForCausalLM.from_pretrained({args.output!r}{remote})"
+              f"{tokenizer}")
         return
     from .gguf_export import export_gguf
     summary = export_gguf(model, args.output, args.type or "f32", name=Path(args.model).stem)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -29,6 +28,11 @@ from .hf_import import LAYER_NORM_EPS
 ARCH = "gpt2"
 PRE_TOKENIZER = "gpt-2"   # llama.cpp's name for GPT-2's pre-tokenizer regex
 _F16_MAX = float(np.finfo(np.float16).max)
+# llama.cpp refuses a gpt2 tokenizer without merges and gguf cannot write an empty array, so a
+# vocabulary that needs none (ASCII characters, say) gets this one, which never applies: its
+# sides are strings of several characters that no merge of the file produces, and BPE pieces
+# start as single characters.
+NO_MERGE = "cllm: no-merges"
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ def gguf_vocab(tokenizer, vocab_size: int) -> Vocab:
         else:
             token_list.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
-    return Vocab(token_list, [int(t) for t in types], merges, end_of_text_id(tokenizer))
+    return Vocab(token_list, [int(t) for t in types], merges or [NO_MERGE],
+                 end_of_text_id(tokenizer))
 
 
 def _require_byte_level(data: dict) -> None:

@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from ..config import GPT2_SWITCHES, ModelConfig
 from ..model import Model
-from .common import END_OF_TEXT, InteropError, cllm_name, read_json, read_text
+from .common import END_OF_TEXT, InteropError, cllm_name, hf_name, read_json, read_text
 from .tensorfile import FLOAT_DTYPES, TensorFile
 
 CONFIG_BYTES = 1 << 20
@@ -198,7 +198,7 @@ def read_tensors(folder: Path, config: ModelConfig) -> dict[str, np.ndarray]:
                                f"parameters are floating-point ({', '.join(FLOAT_DTYPES)})")
     missing = [name for name in expected if name not in found and name != "lm_head.weight"]
     if missing:
-        raise InteropError(f"{folder}: tensor {missing[0]!r} is missing"
+        raise InteropError(f"{folder}: tensor {hf_name(missing[0])!r} is missing"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     tensors = {ours: file.float32(name) for ours, (file, name) in found.items()}
     head = tensors.pop("lm_head.weight", None)
