@@ -50,6 +50,11 @@ _DIGEST = "sha256"
 # lists) may hold at most this many entries beyond one per float of the file's tensors, so
 # that the work and memory a file can ask for stay proportional to its size.
 _DERIVED_SLACK = 1 << 16
+# The key/value cache of generation (2 x layers x context x width floats) may hold this many
+# entries per float of the file's tensors, and this many besides: GPT-2 needs 0.15 per
+# parameter, a model of 9 layers of width 64 and a context of 16384 about 17.
+_CACHE_PER_PARAMETER = 64
+_CACHE_SLACK = 1 << 24
 
 
 @dataclass
@@ -228,6 +233,16 @@ def _check_config_fits_file(path: Path, config: ModelConfig, tensors: int,
         raise CheckpointError(f"{path}: implausible configuration (context {config.n_ctx} and "
                               f"Ulam radius {config.ulam_radius} ask for tables of {derived:,} "
                               f"entries, more than the file's {data_bytes // 4:,} parameters)")
+    # Generation keeps keys and values of every layer for the whole context, allocated at once:
+    # many narrow layers and a long context would make a file of a few MB ask for tens of GB.
+    cache = 2 * config.n_layer * config.n_ctx * config.n_embd
+    allowed = _CACHE_PER_PARAMETER * (data_bytes // 4) + _CACHE_SLACK
+    if cache > allowed:
+        raise CheckpointError(f"{path}: implausible configuration ({config.n_layer} layers of "
+                              f"width {config.n_embd} and context {config.n_ctx} ask for a "
+                              f"generation cache of {cache:,} entries, more than the "
+                              f"{allowed:,} a file of {data_bytes // 4:,} parameters may ask "
+                              f"for)")
 
 
 def _header_digest(header: dict) -> str:

@@ -5,7 +5,17 @@ Every message is self-contained: it names the file or value at fault and says wh
 
 
 class CllmError(Exception):
-    """Base class of every error the command line reports without a traceback."""
+    """Base class of every error the command line reports without a traceback.
+
+    Its text is always one line: characters that are not printable (line breaks, other
+    control characters, lone surrogates), which a message may quote from a hostile file (a
+    tensor name, a tokenizer's error), are shown as Python escapes."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if text.isprintable():
+            return text
+        return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class DataError(CllmError):

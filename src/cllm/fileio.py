@@ -27,17 +27,33 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
     temp = folder / f".{path.name}.{secrets.token_hex(_TEMP_HEX_DIGITS // 2)}.tmp"
     # O_EXCL: never clobber a file of the same name; 0o666 lets the umask decide permissions,
     # as for any ordinarily created file (tempfile.mkstemp would force 0o600).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as e:
+        _raise_naming(e, path, temp)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as e:
+        temp.unlink(missing_ok=True)
+        _raise_naming(e, path, temp)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     _fsync_folder(folder)
+
+
+def _raise_naming(error: OSError, path: Path, temp: Path):
+    """Raise the error of writing `path`, naming it: a write, flush or fsync that fails (a full
+    disk, a quota) raises an OSError without a file name, and one about the temporary file
+    names a file the user never asked for. Errors naming another file are raised as they are."""
+    if error.filename not in (None, str(temp), temp) or error.errno is None:
+        raise error
+    # OSError(errno, ...) is the subclass of that errno (PermissionError for EACCES, ...)
+    raise OSError(error.errno, error.strerror or os.strerror(error.errno), str(path)) from error
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

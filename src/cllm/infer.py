@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .errors import CllmError
 from .fileio import atomic_write_text
 from .model import Model
@@ -20,20 +22,36 @@ def infer(args: argparse.Namespace) -> None:
     # An interactive session copies the weights: a long-lived mapping of a file that another
     # program rewrites in place would end the session with SIGBUS.
     model = Model.load(args.model, writable=args.interactive)
+    if not _all_finite(model.flat):
+        raise CllmError(f"{args.model}: damaged model file (its weights hold values that are "
+                        f"not finite, NaN or infinity)")
     if model.tokenizer is None:
         raise CllmError(f"{args.model} has no tokenizer, so it cannot read a text prompt "
                         f"(create it with --tokenizer FILE, or train it with cllm train)")
     sampling = dict(max_new_tokens=args.tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, threads=args.threads)
     transcript = ""
-    if args.prompt is not None:
-        print(args.prompt, end="", flush=True)
-        transcript = args.prompt + _print_stream(model.stream(args.prompt, seed=args.seed,
-                                                              **sampling))
-    if args.interactive:
-        transcript = converse(model, transcript, args.seed, sampling)
+    # weights large enough to overflow float32 make NaN logits: one error line (sampling's
+    # ValueError), not numpy's warnings besides
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if args.prompt is not None:
+            print(args.prompt, end="", flush=True)
+            try:
+                transcript = args.prompt + _print_stream(model.stream(
+                    args.prompt, seed=args.seed, **sampling))
+            except ValueError as e:
+                print(flush=True)
+                raise CllmError(f"{args.model}: cannot generate from the prompt: {e}") from e
+        if args.interactive:
+            transcript = converse(model, transcript, args.seed, sampling)
     if args.output is not None:
         atomic_write_text(args.output, transcript)
+
+
+def _all_finite(flat: np.ndarray, block: int = 1 << 20) -> bool:
+    """Whether every weight is a finite number (a file written before files carried digests,
+    or one damaged before its digest was computed, may hold NaN), a block at a time."""
+    return all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block))
 
 
 def check_writable(path: Path) -> None:
@@ -75,13 +93,21 @@ def converse(model: Model, transcript: str, seed: int | None, sampling: dict) ->
 
 def _input_lines(terminal: bool):
     """The lines of standard input, each decoded on its own: a line that is not UTF-8 costs
-    that line (with an error message), not the session."""
+    that line (with an error message), not the session. A standard input that is text without
+    bytes beneath (io.StringIO, as tests and embedding programs give) is read as text."""
+    buffer = getattr(sys.stdin, "buffer", None)
     while True:
         try:
             if terminal:
                 yield input("> ")
                 continue
-            raw = sys.stdin.buffer.readline()
+            if buffer is None:
+                line = sys.stdin.readline()
+                if not line:
+                    return
+                yield line.rstrip("\r\n")
+                continue
+            raw = buffer.readline()
             if not raw:
                 return
             yield raw.decode("utf-8").rstrip("\r\n")

@@ -45,7 +45,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     for line in lines:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer of 5000 digits, deep
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             records.append(record)

@@ -107,7 +107,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         TrainConfig.check_saved(settings)
         if corpus is not None:
             _check_corpus_record(corpus)
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # Overflow: the RNG state
         raise CheckpointError(f"{path}: damaged training state ({type(e).__name__}: {e})") from e
     if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0
             and _is_number(elapsed) and (best is None or _is_number(best))):

@@ -2,6 +2,7 @@
 objects so that they serialize to JSON and travel inside the model file."""
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -103,7 +104,20 @@ def encode_batch(tokenizer: Tokenizer, texts: list[str], what: str) -> list[np.n
         vocab = tokenizer.get_vocab()
         if all(len(token) == 1 for token in vocab):
             return _encode_chars(vocab, texts, what)
-    return [np.array(e.ids, dtype=np.uint32) for e in tokenizer.encode_batch_fast(texts)]
+    try:
+        encodings = tokenizer.encode_batch_fast(texts)
+    except BaseException as e:
+        if not _from_rust(e):
+            raise
+        raise DataError(f"the tokenizer cannot encode {what}: {e}") from e
+    return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+
+def _from_rust(e: BaseException) -> bool:
+    """An error of the `tokenizers` library: the bare Exception it raises for whatever it
+    cannot do, or the PanicException (a BaseException, so that `except Exception` misses it)
+    of a Rust panic, which a tokenizer file can provoke."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
 
 
 def _encode_chars(vocab: dict[str, int], texts: list[str], what: str) -> list[np.ndarray]:
@@ -136,15 +150,22 @@ def encode(tokenizer: Tokenizer, text: str) -> list[int]:
         raise DataError(f"prompt is not valid Unicode text: {e.reason} at position {e.start} "
                         "(was it given in an encoding other than UTF-8?)") from e
     try:
-        return encode_batch(tokenizer, [text], "prompt")[0].tolist()
+        return encode_batch(tokenizer, [text], "the prompt")[0].tolist()
     except DataError:
         raise
-    except Exception as e:  # the Rust side raises a bare Exception for whatever it cannot do
+    except BaseException as e:
+        if not _from_rust(e):
+            raise
         raise DataError(f"the model's tokenizer cannot encode the prompt: {e}") from e
 
 
 def decode(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
-    return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    try:
+        return tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+    except BaseException as e:
+        if not _from_rust(e):
+            raise
+        raise DataError(f"the model's tokenizer cannot decode its ids: {e}") from e
 
 
 def tokenizer_to_json(tokenizer: Tokenizer) -> str:
@@ -153,9 +174,16 @@ def tokenizer_to_json(tokenizer: Tokenizer) -> str:
 
 def tokenizer_from_json(text: str) -> Tokenizer:
     try:
-        return Tokenizer.from_str(text)
-    except Exception as e:  # the Rust side raises a bare Exception for any malformed input
+        tokenizer = Tokenizer.from_str(text)
+        # cllm encodes whole texts: a truncation or padding saved with the tokenizer would cut
+        # or pad them silently (and a hostile one panics, or pads to terabytes)
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+    except BaseException as e:  # a bare Exception for any malformed input, or a panic
+        if not _from_rust(e):
+            raise
         raise DataError(f"the stored tokenizer is not a valid tokenizers JSON document: {e}") from e
+    return tokenizer
 
 
 def checked_tokenizer(text: str, vocab_size: int, source: str) -> Tokenizer:
@@ -170,13 +198,66 @@ def checked_tokenizer(text: str, vocab_size: int, source: str) -> Tokenizer:
     if not 1 <= size <= vocab_size:
         raise DataError(f"{source}: the tokenizer has {size} tokens, but the model has room "
                         f"for {vocab_size} (and needs at least one)")
+    largest = max(tokenizer.get_vocab().values(), default=0)
+    if largest >= vocab_size:
+        raise DataError(f"{source}: the tokenizer has a token of id {largest}, but the model "
+                        f"has room for ids up to {vocab_size - 1}")
+    growth = max(_growth(tokenizer.normalizer) * _growth(tokenizer.pre_tokenizer),
+                 _growth(tokenizer.decoder))
+    if growth > _MAX_GROWTH:
+        raise DataError(f"{source}: the stored tokenizer can make text up to {growth:,} times "
+                        f"longer as it encodes or decodes it (its normalizer, pre-tokenizer or "
+                        f"decoder), more than the {_MAX_GROWTH} cllm accepts")
     try:
-        sample = decode(tokenizer, range(min(size, 64)))
-        encode_batch(tokenizer, [sample], source)
-    except Exception as e:  # DataError from a character tokenizer, bare Exception from Rust
+        sample = decode(tokenizer, range(min(size, 64)))[:_SAMPLE_CHARS]
+        encode_batch(tokenizer, [sample], "a sample of its own vocabulary")
+    except Exception as e:  # DataError: a Rust error or panic, or a character it lacks
         raise DataError(f"{source}: the stored tokenizer cannot encode and decode text: "
                         f"{e}") from e
     return tokenizer
+
+
+# Characters of the sample a stored tokenizer is tried on.
+_SAMPLE_CHARS = 4096
+# How many times longer the text out of a normalizer, pre-tokenizer or decoder can be than the
+# text into it, at most (in UTF-8 bytes, counted generously): a Sequence multiplies the growth
+# of its parts, so that without a bound a tokenizer file of a few hundred bytes (a chain of
+# Replace normalizers, or of ByteLevel pre-tokenizers) turns one character into gigabytes.
+_MAX_GROWTH = 256
+_GROWTH = {"ByteLevel": 2, "Metaspace": 3, "BertNormalizer": 3, "NFC": 3, "NFD": 3, "NFKC": 3,
+           "NFKD": 3, "Lowercase": 2, "Precompiled": 16}
+
+
+def _growth(component) -> int:
+    """The growth of a tokenizer component (None, or its `tokenizers` object)."""
+    if component is None:
+        return 1
+    try:
+        return _growth_of(json.loads(component.__getstate__()))
+    except BaseException as e:
+        if not _from_rust(e):
+            raise
+        return _MAX_GROWTH + 1   # a component that cannot even describe itself
+
+
+def _growth_of(spec) -> int:
+    if not isinstance(spec, dict):
+        return 1
+    kind = spec.get("type")
+    if kind == "Sequence":
+        growth = 1
+        for part in next((spec[key] for key in ("normalizers", "pretokenizers", "decoders")
+                          if isinstance(spec.get(key), list)), []):
+            growth = min(growth * _growth_of(part), 2 ** 63)
+        return growth
+    if kind == "Replace":
+        content = len(str(spec.get("content", "")).encode("utf-8", "surrogatepass"))
+        pattern = spec.get("pattern")
+        string = pattern.get("String") if isinstance(pattern, dict) else None
+        if isinstance(string, str) and string:
+            return max(1, -(-content // len(string.encode("utf-8", "surrogatepass"))))
+        return content + 1   # a regular expression may match (empty) between any two bytes
+    return _GROWTH.get(kind, 1)
 
 
 def save_tokenizer(tokenizer: Tokenizer, folder: str | os.PathLike) -> None:
