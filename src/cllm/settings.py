@@ -24,12 +24,16 @@ DEFAULT_SEED = 1337
 
 
 def setting(default=dataclasses.MISSING, *, flags: tuple[str, ...], help: str, type=None,
-            choices=None, metavar=None, cli_default=None, role: str = RUN, action=None):
+            choices=None, metavar=None, cli_default=None, role: str = RUN, action=None,
+            most=None):
     """A dataclass field with its command-line flag. `cli_default` is the flag's default where
-    the field itself has none (a model's sizes); `role` says what --resume does with it."""
+    the field itself has none (a model's sizes); `role` says what --resume does with it;
+    `most`, the largest value a run may be given (so that no saved setting can ask for an
+    absurd amount of work or memory)."""
     return field(default=default, metadata=dict(
         flags=flags, help=help, type=type, choices=choices, metavar=metavar, role=role,
-        action=action, cli_default=default if cli_default is None else cli_default))
+        action=action, cli_default=default if cli_default is None else cli_default,
+        most=most))
 
 
 def flagged_fields(cls, skip: tuple[str, ...] = ()) -> list[dataclasses.Field]:
@@ -83,8 +87,10 @@ class TrainConfig:
                               metavar="DIR", help="folder for checkpoints and every output")
     # the vocabulary and the sequences
     vocab: int = setting(10000, flags=("-v", "--vocab"), type=positive_int, metavar="N",
+                         most=1 << 24,
                          role=FIXED, help="largest vocabulary of the BPE tokenizer")
     seq_len: int = setting(128, flags=("-s", "--seq-len"), type=positive_int, metavar="N",
+                           most=1 << 20,
                            role=FIXED, help="tokens per training sequence; the model's context "
                                             "is twice this")
     tokenizer: str = setting("bpe", flags=("--tokenizer",), choices=("bpe", "char"), role=FIXED,
@@ -92,11 +98,12 @@ class TrainConfig:
                                   "character")
     # the optimisation
     epochs: int = setting(10, flags=("-E", "--epochs"), type=positive_int, metavar="N",
+                          most=1 << 20,
                           help="passes over the training split, in steps of -b x -s tokens")
-    max_steps: int | None = setting(None, flags=("--max-steps",), type=positive_int,
+    max_steps: int | None = setting(None, most=1 << 40, flags=("--max-steps",), type=positive_int,
                                     metavar="N", help="train this many steps, whatever "
                                                       "--epochs says")
-    batch: int = setting(32, flags=("-b", "--batch"), type=positive_int, metavar="N",
+    batch: int = setting(32, most=1 << 16, flags=("-b", "--batch"), type=positive_int, metavar="N",
                          help="sequences per step")
     lr: float = setting(1e-4, flags=("-r", "--lr"), type=positive_float, metavar="RATE",
                         help="peak learning rate")
@@ -104,6 +111,7 @@ class TrainConfig:
                                    metavar="RATE", help="learning rate at the last step, "
                                    "reached by cosine decay (default: --lr / 10)")
     warmup: int = setting(100, flags=("--warmup",), type=non_negative_int, metavar="STEPS",
+                          most=1 << 40,
                           help="steps of linear warmup to --lr")
     weight_decay: float = setting(0.1, flags=("--weight-decay",), type=non_negative_float,
                                   metavar="W", help="AdamW weight decay, on 2-D weights only")
@@ -116,22 +124,26 @@ class TrainConfig:
     seed: int = setting(DEFAULT_SEED, flags=("--seed",), type=non_negative_int,
                         help="seed of the initial weights and of the data order")
     threads: int = setting(0, flags=("-t", "--threads"), type=non_negative_int, metavar="N",
+                           most=1 << 10,
                            role=PLACE, help="threads, 0 for every usable core")
-    spheres: int = setting(12, flags=("--spheres",), type=positive_int, metavar="N",
+    spheres: int = setting(12, most=1 << 12, flags=("--spheres",), type=positive_int, metavar="N",
                            help="parts each batch is split into; the result depends on it, not "
                                 "on --threads")
     # evaluation and checkpoints
     val_fraction: float = setting(0.1, flags=("--val-fraction",), type=fraction, metavar="F",
                                   help="share of the token stream, at its end, held out for "
                                        "validation")
-    eval_every: int = setting(500, flags=("--eval-every",), type=non_negative_int,
+    eval_every: int = setting(500, most=1 << 40, flags=("--eval-every",), type=non_negative_int,
                               metavar="STEPS", help="steps between validation losses, 0 for "
                                                     "none before the final one")
     eval_batches: int = setting(20, flags=("--eval-batches",), type=positive_int, metavar="N",
+                                most=1 << 16,
                                 help="batches of random validation windows per evaluation")
     checkpoint_every: int = setting(1000, flags=("--checkpoint-every",), type=positive_int,
+                                    most=1 << 40,
                                     metavar="STEPS", help="steps between checkpoints")
     keep_checkpoints: int = setting(3, flags=("--keep-checkpoints",), type=positive_int,
+                                    most=1 << 20,
                                     metavar="N", help="newest checkpoints kept, older ones "
                                                       "deleted")
     resume: bool = setting(False, flags=("--resume",), action="store_true", role=PLACE,
@@ -140,6 +152,7 @@ class TrainConfig:
                                     role=PLACE, help="start from this model's weights (and "
                                     "tokenizer, if it has one)")
     processes: int = setting(1, flags=("--processes",), type=positive_int, metavar="N",
+                             most=1 << 16,
                              role=PLACE, help="train on N processes of this machine through "
                              "mpiexec (the recursive level; --threads is per process; the "
                              "result is that of one process)")
@@ -182,9 +195,16 @@ class TrainConfig:
                     ok = ok and meta["type"](str(value)) == value
                 except argparse.ArgumentTypeError:
                     ok = False
-            if not ok:
+            if not ok or (meta["most"] is not None and value > meta["most"]):
                 raise ValueError(f"the saved setting {f.name} = {value!r} is not a value "
                                  f"{meta['flags'][-1]} accepts")
+
+    def __post_init__(self):
+        for f in flagged_fields(TrainConfig):
+            value, most = getattr(self, f.name), f.metadata["most"]
+            if most is not None and value is not None and value > most:
+                raise ValueError(f"{f.metadata['flags'][-1]} must be at most {most}, got "
+                                 f"{value}")
 
     def role_values(self, role: str) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
