@@ -176,7 +176,8 @@ import json, sys
 import numpy as np
 from llama_cpp import Llama
 path, prompt, new = sys.argv[1], sys.argv[2], int(sys.argv[3])
-llm = Llama(model_path=path, n_ctx=0, n_threads=2, logits_all=False, verbose=False)
+# logits_all: without it this llama-cpp-python leaves `scores` unset after eval
+llm = Llama(model_path=path, n_ctx=0, n_threads=2, logits_all=True, verbose=False)
 ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=False)
 out = []
 llm.reset()
