@@ -33,16 +33,20 @@ starting weights where its parameters allow).
    within each seed. The number compared is the plain validation cross-entropy over the whole
    validation split at the end: the `final_val_loss` record of metrics.jsonl (its
    `final_val_ce` with --loss crystalline, whose final_val_loss is the training loss).
-2. Equal time: each setting's training speed is the median of the per-step tokens/s of its
-   equal-step runs (metrics.jsonl, step 1 left out; the settings took turns, so they shared
-   the machine's contention alike). A setting whose speed is within 3% of none's reuses its
-   equal-step runs; any other trains round(steps * speed / none's speed) steps, once per
-   seed, so that it gets the training time none had.
+2. Equal time: each setting's training speed relative to none's is the median, over both
+   corpora and every seed, of the ratio of its equal-step run's median step rate
+   (metrics.jsonl's tokens_per_s, step 1 left out) to that of none's run of the same corpus
+   and seed. Within a seed the settings take turns, so the two runs of a pair are close in
+   time and share the load other work puts on the machine; the median drops the pairs that a
+   burst of such load hit on one side. (The speed depends on the shapes, not the corpus.) A
+   setting within 3% of none's speed reuses its equal-step runs; any other trains
+   round(steps x ratio) steps, once per seed, so that it gets the training time none had.
+   The equal-step runs of both corpora come first, then the equal-time ones.
 
 Per corpus, bench/out/ablation.md gets two tables (equal steps, equal time): the final
 validation CE as mean ± std over the seeds, the paired difference from none as mean ± std, the
 per-seed values and tokens/s; bench/out/ablation.png plots the training curves and the paired
-differences. The report is rewritten after each corpus. Each run lives in
+differences. Each run lives in
 RUNS/CORPUS/SETTING_seedN_STEPSsteps/: train.log (the trainer's output), metrics.jsonl,
 stats.json and result.json; the trainer's checkpoint folder (model, dataset, tokenizer) is
 deleted once read. A run whose result.json holds the same flags is reused, so an interrupted
@@ -72,7 +76,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_line, median_seconds  # noqa: E402
+from common import machine_line, median_seconds, thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -157,14 +161,6 @@ def run_flags(setting: str, seed: int, steps: int, threads: int) -> list[str]:
             "-t", str(threads), *switch_flags(setting)]
 
 
-def child_env(threads: int) -> dict:
-    """The trainer limits its own threads with -t; these keep the libraries it loads (BLAS,
-    the tokenizer's Rust pool) to the same count."""
-    n = str(max(1, threads))
-    return dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n,
-                RAYON_NUM_THREADS=n, RAYON_RS_NUM_CPUS=n)
-
-
 def run_timeout(steps: int) -> float:
     """Seconds a run may take: generous (about 4 times the 1.5 s per step of the slowest
     setting on one thread, plus the phases around training)."""
@@ -194,7 +190,7 @@ def train_run(corpus: str, data: Path, setting: str, seed: int, steps: int, thre
         log.flush()
         try:
             done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder,
-                                  env=child_env(threads), timeout=run_timeout(steps))
+                                  env=thread_env(threads, None), timeout=run_timeout(steps))
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{corpus} {setting} seed {seed}: cllm train ran past its "
                                f"timeout of {run_timeout(steps):.0f} s; its log: {log_path}"
@@ -252,8 +248,9 @@ def read_run(checkpoint: Path, steps: int, setting: str) -> dict:
 
 # ---- the ablation of one corpus ----
 
-def ablate(corpus: str, settings: list[str], seeds: int, steps: int, threads: int,
-           runs: Path) -> dict:
+def equal_step_runs(corpus: str, settings: list[str], seeds: int, steps: int, threads: int,
+                    runs: Path) -> dict:
+    """Every setting trains `steps` steps once per seed, the settings taking turns."""
     data, description = (shakespeare_corpus if corpus == "shakespeare" else stdlib_corpus)(runs)
     print(f"{CORPORA[corpus]}: {description}", flush=True)
     order = [name for name in PRIORITY if name in settings]
@@ -261,35 +258,54 @@ def ablate(corpus: str, settings: list[str], seeds: int, steps: int, threads: in
     for seed in range(seeds):
         for name in order:
             equal_steps[name].append(train_run(corpus, data, name, seed, steps, threads, runs))
-    speed = {name: speed_of(equal_steps[name]) for name in order}
-    equal_time_steps = {}
-    for name in order:
-        ratio = speed[name] / speed["none"]
-        equal_time_steps[name] = steps if abs(ratio - 1) <= SAME_SPEED else max(
-            1, round(steps * ratio))
-    # within SAME_SPEED of none, or a speed that rounds to the same step count
-    equal_time = {name: equal_steps[name] for name in order if equal_time_steps[name] == steps}
-    extra = [name for name in order if name not in equal_time]
-    print(f"  speeds (tokens/s): " + ", ".join(f"{n} {speed[n]:.0f}" for n in order)
-          + "; equal-time steps: " + ", ".join(f"{n} {equal_time_steps[n]}" for n in order),
-          flush=True)
-    for name in extra:
-        equal_time[name] = []
-    for seed in range(seeds):
-        for name in extra:
-            equal_time[name].append(train_run(corpus, data, name, seed,
-                                              equal_time_steps[name], threads, runs))
     hashes = {r["tokenizer_sha256"] for runs_ in equal_steps.values() for r in runs_}
     val_tokens = {r["val_tokens"] for runs_ in equal_steps.values() for r in runs_}
-    return dict(corpus=corpus, description=description, settings=order, speed=speed,
-                equal_steps=equal_steps, equal_time=equal_time,
-                equal_time_steps=equal_time_steps, tokenizers=sorted(hashes),
+    return dict(corpus=corpus, data=data, description=description, settings=order,
+                steps=steps, equal_steps=equal_steps, tokenizers=sorted(hashes),
                 val_tokens=sorted(val_tokens),
                 parameters={n: equal_steps[n][0]["parameters"] for n in order})
 
 
+def speed_ratios(results: list[dict]) -> dict[str, float]:
+    """Each setting's training speed relative to none's: the median, over every corpus and
+    seed, of the ratio of its equal-step run's median step rate to that of none's run of the
+    same corpus and seed. The two ran close together in time (the settings take turns within
+    a seed), so the ratio cancels most of the load that other work puts on the machine; the
+    median over the pairs drops the pairs that a burst of such load hit one side of. The
+    speed depends on the shapes alone (batch, T, model, vocabulary), not on the corpus."""
+    ratios = {}
+    for name in results[0]["settings"]:
+        pairs = [statistics.median(r["step_rates"]) / statistics.median(n["step_rates"])
+                 for result in results
+                 for r, n in zip(result["equal_steps"][name], result["equal_steps"]["none"])]
+        ratios[name] = statistics.median(pairs)
+    return ratios
+
+
+def equal_time_runs(result: dict, ratios: dict[str, float], seeds: int, threads: int,
+                    runs: Path) -> None:
+    """Each setting trains round(steps x its speed ratio) steps: the training time none had.
+    Those within SAME_SPEED of none's speed, or whose count rounds to the same, reuse their
+    equal-step runs."""
+    order, steps = result["settings"], result["steps"]
+    equal_time_steps = {name: steps if abs(ratios[name] - 1) <= SAME_SPEED
+                        else max(1, round(steps * ratios[name])) for name in order}
+    equal_time = {name: result["equal_steps"][name] for name in order
+                  if equal_time_steps[name] == steps}
+    extra = [name for name in order if name not in equal_time]
+    print(f"{CORPORA[result['corpus']]}, equal time: steps "
+          + ", ".join(f"{n} {equal_time_steps[n]}" for n in order), flush=True)
+    for name in extra:
+        equal_time[name] = []
+    for seed in range(seeds):
+        for name in extra:
+            equal_time[name].append(train_run(result["corpus"], result["data"], name, seed,
+                                              equal_time_steps[name], threads, runs))
+    result.update(equal_time=equal_time, equal_time_steps=equal_time_steps, ratios=ratios)
+
+
 def speed_of(runs: list[dict]) -> float:
-    """Training tokens/s of a setting: the median step over all its runs (step 1 left out)."""
+    """Training tokens/s of runs: their median step (step 1 left out)."""
     return statistics.median(rate for r in runs for rate in r["step_rates"])
 
 
@@ -305,16 +321,15 @@ def rows(result: dict, which: str) -> list[dict]:
         ce = [r["val_ce"] for r in runs]
         mean, std = _mean_std(ce)
         diff, diff_std = _mean_std([a - b for a, b in zip(ce, none)])
-        ratio = result["speed"][name] / result["speed"]["none"]
+        ratio = result["ratios"][name]
         if name == "none":
             note = "the baseline"
         elif which == "equal_time" and runs is result["equal_steps"][name]:
             why = (f"within {100 * SAME_SPEED:.0f}%" if abs(ratio - 1) <= SAME_SPEED
                    else "the same step count once rounded")
-            note = (f"equal-step runs reused (speed {100 * (ratio - 1):+.1f}% from none's: "
-                    f"{why})")
+            note = f"equal-step runs reused (speed {100 * (ratio - 1):+.1f}%: {why})"
         elif which == "equal_time":
-            note = f"own runs (speed {100 * (ratio - 1):+.1f}% from none's)"
+            note = f"own runs (speed {100 * (ratio - 1):+.1f}%)"
         else:
             note = ""
         out.append(dict(name=name, steps=runs[0]["steps"], mean=mean, std=std, diff=diff,
@@ -356,11 +371,15 @@ def markdown(results: list[dict], header: str) -> str:
              "equal-step runs), mean ± std over the seeds. Verdict: loses where that "
              "difference is above zero by more than its std, wins where below by more, "
              "within spread otherwise. tokens/s: the median training step of the runs, "
-             "step 1 left out. Equal time: each setting trains round(steps x its speed / "
-             "none's speed) steps, the training time none had; settings within "
+             "step 1 left out; they measure the load other work put on the machine as much "
+             "as the setting. Speed (in the runs column): the setting's training speed "
+             "relative to none's, the median over both corpora and every seed of the ratio "
+             "of its equal-step run's median step rate to that of none's run of the same "
+             "corpus and seed (run next to it in time). Equal time: each setting trains "
+             "round(steps x that ratio) steps, the training time none had; settings within "
              f"{100 * SAME_SPEED:.0f}% of none's speed reuse their equal-step runs.", ""]
     for result in results:
-        steps = result["equal_steps"]["none"][0]["steps"]
+        steps = result["steps"]
         parts += [f"## {CORPORA[result['corpus']]}", "",
                   f"{result['description']}; BPE vocabulary, validation tokens and tokenizer "
                   f"hash: {len(result['tokenizers'])} tokenizer(s) "
@@ -449,7 +468,7 @@ def cllm_location(threads: int) -> str:
     """Where the trainer's subprocesses import cllm from."""
     return subprocess.run([sys.executable, "-c", "import cllm; print(cllm.__file__)"],
                           stdout=subprocess.PIPE, text=True, check=True, cwd="/",
-                          env=child_env(threads)).stdout.strip()
+                          env=thread_env(threads, None)).stdout.strip()
 
 
 def main():
@@ -482,21 +501,31 @@ def main():
         settings = ["none"] + [name for name in args.settings if name != "none"]
         corpora = ["shakespeare", "stdlib"] if args.corpus == "both" else [args.corpus]
         print(f"cllm train from {cllm_location(args.threads)}", flush=True)
-        load, start, results = os.getloadavg(), time.time(), []
-        for corpus in corpora:
-            results.append(ablate(corpus, settings, args.seeds, args.steps, args.threads, runs))
-            header = (f"{machine_line()}; {args.threads} thread(s) per run "
-                      f"(`-t {args.threads}`), one training process at a time; load average "
-                      f"{load[0]:.2f} before, {os.getloadavg()[0]:.2f} now; {args.steps} steps "
-                      f"at equal steps, seeds 0-{args.seeds - 1}; {time.time() - start:.0f} s "
-                      f"of runs. Every run: `python -m cllm train -d CORPUS "
-                      f"{' '.join(MODEL_FLAGS + TRAIN_FLAGS)} --max-steps STEPS --seed SEED "
-                      f"-t {args.threads}` plus the setting's `--init I --position P "
-                      f"--attention A --loss L`")
-            (args.out / "ablation.md").write_text(markdown(results, header))
-            plot(results, args.out / "ablation.png", textwrap.fill(header, 180))
-            print(f"wrote {args.out / 'ablation.md'} and ablation.png ({corpus} done, "
-                  f"{time.time() - start:.0f} s so far)", flush=True)
+        load, start = os.getloadavg(), time.time()
+        results = [equal_step_runs(corpus, settings, args.seeds, args.steps, args.threads, runs)
+                   for corpus in corpora]
+        ratios = speed_ratios(results)
+        print("speed relative to none's (median of the paired ratios): "
+              + ", ".join(f"{n} {r:.3f}" for n, r in ratios.items()), flush=True)
+        for result in results:
+            equal_time_runs(result, ratios, args.seeds, args.threads, runs)
+        run_seconds = sum(r["wall_s"] for result in results
+                          for which in ("equal_steps", "equal_time")
+                          for name, runs_ in result[which].items()
+                          if which == "equal_steps" or runs_ is not result["equal_steps"][name]
+                          for r in runs_)
+        header = (f"{machine_line()}; {args.threads} thread(s) per run "
+                  f"(`-t {args.threads}`), one training process at a time; load average "
+                  f"{load[0]:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+                  f"{args.steps} steps at equal steps, seeds 0-{args.seeds - 1}; "
+                  f"{run_seconds:.0f} s of training processes in all. Every run: "
+                  f"`python -m cllm train -d CORPUS {' '.join(MODEL_FLAGS + TRAIN_FLAGS)} "
+                  f"--max-steps STEPS --seed SEED -t {args.threads}` plus the setting's "
+                  f"`--init I --position P --attention A --loss L`")
+        (args.out / "ablation.md").write_text(markdown(results, header))
+        plot(results, args.out / "ablation.png", textwrap.fill(header, 180))
+        print(f"wrote {args.out / 'ablation.md'} and ablation.png "
+              f"({time.time() - start:.0f} s)", flush=True)
         print((args.out / "ablation.md").read_text(), flush=True)
     if not args.no_timing:
         timing = attention_timing()

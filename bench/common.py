@@ -43,12 +43,16 @@ def peak_rss_mb(pid: int | str = "self") -> float:
     raise RuntimeError("no VmHWM in /proc status")
 
 
-def thread_env(threads: int, source: Path = REPO / "src") -> dict:
-    """The environment of a benchmark process: cllm from `source`, and every thread pool
-    (OpenMP, OpenBLAS, MKL) held to `threads`."""
-    n = str(threads)
-    return dict(os.environ, PYTHONPATH=str(source), OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n,
-                MKL_NUM_THREADS=n)
+def thread_env(threads: int, source: Path | None = REPO / "src") -> dict:
+    """The environment of a benchmark process: cllm from `source` (None: from wherever this
+    environment's PYTHONPATH says), and every thread pool (OpenMP, OpenBLAS, MKL, the
+    tokenizer's Rust pool) held to `threads`."""
+    n = str(max(1, threads))
+    env = dict(os.environ, OMP_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, MKL_NUM_THREADS=n,
+               RAYON_NUM_THREADS=n, RAYON_RS_NUM_CPUS=n)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    return env
 
 
 def run_measured(command: list[str], threads: int, cwd: Path = REPO,
