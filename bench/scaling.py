@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -105,7 +104,9 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.steps, args.threads)))
+        result = worker(args.steps, args.threads)
+        if result:   # rank 0 (or the only process) reports
+            print(json.dumps(result))
         return
     n = args.processes
     load = os.getloadavg()[0]
