@@ -35,7 +35,7 @@ import numpy as np
 from . import safejson
 from .config import LAYER_TENSORS, ModelConfig
 from .errors import CheckpointError, NonFiniteError, UnverifiedFile
-from .fileio import atomic_writer
+from .interop.tensorfile import safetensors_header, write_safetensors
 
 FORMAT = "cllm"
 FORMAT_VERSION = "1"
@@ -93,24 +93,13 @@ def save_cllm(path: str | os.PathLike, params: dict[str, np.ndarray], config: Mo
 
     arrays = [(name, np.ascontiguousarray(array, dtype=_FLOAT32))
               for name, array in tensors.items()]
-    header: dict = {"__metadata__": metadata}
-    offset = 0
     data_digest = hashlib.new(_DIGEST)
-    for name, array in arrays:
-        header[name] = {"dtype": "F32", "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
+    for _, array in arrays:
         data_digest.update(array.data)
     metadata["digest"] = json.dumps({"algorithm": _DIGEST, "tensors": data_digest.hexdigest(),
-                                     "header": _header_digest(header)})
-    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    # Pad with spaces (as the safetensors library does) so that tensor data starts 8-aligned.
-    header_bytes += b" " * (-len(header_bytes) % 8)
-    with atomic_writer(path) as f:
-        f.write(_HEADER_LENGTH.pack(len(header_bytes)))
-        f.write(header_bytes)
-        for _, array in arrays:
-            f.write(array.data)
+                                     "header": _header_digest(safetensors_header(arrays,
+                                                                                 metadata))})
+    write_safetensors(path, arrays, metadata)
 
 
 def load_cllm(path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> CllmFile:

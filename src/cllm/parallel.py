@@ -41,6 +41,13 @@ def world_size() -> int:
     return 1
 
 
+def sphere_blocks(spheres: int, processes: int) -> list[tuple[int, int]]:
+    """(first, last) spheres of each rank: contiguous blocks in rank order, the first
+    S mod processes ranks holding one more."""
+    sizes = [spheres // processes + (p < spheres % processes) for p in range(processes)]
+    return [(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(processes)]
+
+
 class ProcessGroup:
     """This process's place in the MPI job, and the messages of a training run."""
 
@@ -52,11 +59,8 @@ class ProcessGroup:
         self._keep = np.zeros((0, 0), np.float32)
 
     def sphere_block(self, spheres: int) -> tuple[int, int]:
-        """Spheres first..last-1 of S belong to this rank: contiguous blocks in rank order,
-        the first S mod size ranks holding one more."""
-        sizes = [spheres // self.size + (p < spheres % self.size) for p in range(self.size)]
-        first = sum(sizes[:self.rank])
-        return first, first + sizes[self.rank]
+        """Spheres first..last-1 of S belong to this rank."""
+        return sphere_blocks(spheres, self.size)[self.rank]
 
     def loss_and_grads(self, model, x, y, spheres: int, threads: int) -> tuple[float, float]:
         """(mean training loss, mean plain cross-entropy) of the batch, and its gradient in

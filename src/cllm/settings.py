@@ -78,6 +78,10 @@ def check_agrees(cls, given: dict, explicit: set[str], values: dict, source: str
                             f"leave {flag} out to use the model's")
 
 
+def _beyond_most(f: dataclasses.Field, value) -> bool:
+    return f.metadata["most"] is not None and value is not None and value > f.metadata["most"]
+
+
 @dataclass
 class TrainConfig:
     """Everything `cllm train` is given besides the architecture (ModelConfig)."""
@@ -195,16 +199,15 @@ class TrainConfig:
                     ok = ok and meta["type"](str(value)) == value
                 except argparse.ArgumentTypeError:
                     ok = False
-            if not ok or (meta["most"] is not None and value > meta["most"]):
+            if not ok or _beyond_most(f, value):
                 raise ValueError(f"the saved setting {f.name} = {value!r} is not a value "
                                  f"{meta['flags'][-1]} accepts")
 
     def __post_init__(self):
         for f in flagged_fields(TrainConfig):
-            value, most = getattr(self, f.name), f.metadata["most"]
-            if most is not None and value is not None and value > most:
-                raise ValueError(f"{f.metadata['flags'][-1]} must be at most {most}, got "
-                                 f"{value}")
+            if _beyond_most(f, getattr(self, f.name)):
+                raise ValueError(f"{f.metadata['flags'][-1]} must be at most "
+                                 f"{f.metadata['most']}, got {getattr(self, f.name)}")
 
     def role_values(self, role: str) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)

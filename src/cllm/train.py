@@ -159,7 +159,7 @@ def _phases(run: TrainConfig, architecture: dict, explicit: set[str], out: Path,
         for array in (model.flat, optimizer.m, optimizer.v):
             group.share_array(array)
         print(f"  {group.size} processes, spheres in blocks of "
-              f"{', '.join(str(b - a) for a, b in _blocks(run.spheres, group.size))}",
+              f"{', '.join(str(b - a) for a, b in parallel.sphere_blocks(run.spheres, group.size))}",
               flush=True)
     with _metrics_log(out / "metrics.jsonl", state.step) as metrics:
         _train_loop(run, model, optimizer, state, total_steps, train_split, val_split, out,
@@ -339,11 +339,6 @@ def _deferred_stop():
     finally:
         for sig, action in previous.items():
             signal.signal(sig, action)
-
-
-def _blocks(spheres: int, processes: int) -> list[tuple[int, int]]:
-    sizes = [spheres // processes + (p < spheres % processes) for p in range(processes)]
-    return [(sum(sizes[:p]), sum(sizes[:p + 1])) for p in range(processes)]
 
 
 def _train_loop(run: TrainConfig, model: Model, optimizer: AdamW, state: TrainingState,

@@ -128,10 +128,9 @@ def _index_list(value) -> bool:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, np.ndarray]],
-                      metadata: dict[str, str] | None = None) -> None:
-    """Write the named arrays (F16, F32, F64, I32, I64, U8 or BOOL) as a safetensors file,
-    atomically, in the order given."""
+def safetensors_header(tensors: list[tuple[str, np.ndarray]],
+                       metadata: dict[str, str] | None = None) -> dict:
+    """The header of a safetensors file holding the named arrays back to back, in order."""
     header: dict = {} if metadata is None else {"__metadata__": metadata}
     offset = 0
     for name, array in tensors:
@@ -141,6 +140,14 @@ def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, np.ndarr
                         "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
+    return header
+
+
+def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, np.ndarray]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write the named arrays (F16, F32, F64, I32, I64, U8 or BOOL) as a safetensors file,
+    atomically, in the order given."""
+    header = safetensors_header(tensors, metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     # Spaces, as the safetensors library pads, so that tensor data starts 8-aligned.
     header_bytes += b" " * (-len(header_bytes) % 8)
