@@ -85,9 +85,8 @@ def _follow(group: parallel.ProcessGroup, run: TrainConfig) -> None:
         signal.signal(sig, signal.SIG_IGN)
     config, settings, step, total_steps = group.share()
     settings = TrainConfig(**settings)
-    model = Model(ModelConfig(**config))
-    optimizer = AdamW(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
-                      weight_decay=settings.weight_decay)
+    model = Model(ModelConfig.from_dict(config))
+    optimizer = _optimizer(model, settings)
     for array in (model.flat, optimizer.m, optimizer.v):
         group.share_array(array)
     optimizer.step_count = step
@@ -267,6 +266,10 @@ def _require_sequences(run: TrainConfig, train_split, val_split) -> None:
                         f"needs {needed}: give more text, a larger --val-fraction, or 0 for none")
 
 
+def _optimizer(model: Model, run: TrainConfig) -> AdamW:
+    return AdamW(model, lr=run.lr, betas=(run.beta1, run.beta2), weight_decay=run.weight_decay)
+
+
 def _initial_model(run: TrainConfig, architecture: dict, tokenizer,
                    resumed: Checkpoint | None, initial: Model | None) -> tuple[Model, AdamW, TrainingState]:
     if resumed is not None:
@@ -281,8 +284,7 @@ def _initial_model(run: TrainConfig, architecture: dict, tokenizer,
         config = ModelConfig(vocab_size=tokenizer.get_vocab_size(), n_ctx=2 * run.seq_len,
                              **architecture)
         model = Model.create(config, seed=run.seed, tokenizer=tokenizer)
-    optimizer = AdamW(model, lr=run.lr, betas=(run.beta1, run.beta2),
-                      weight_decay=run.weight_decay)
+    optimizer = _optimizer(model, run)
     if resumed is None:
         return model, optimizer, TrainingState(
             0, np.random.default_rng([run.seed, _TRAIN_WINDOWS]), None, 0.0)
