@@ -187,6 +187,23 @@ def test_bitwise_identical_for_every_thread_count(rng, spheres):
         assert np.array_equal(logits, results[0][2])
 
 
+@pytest.mark.parametrize("spheres", [2, 7, 12])
+def test_gradient_is_the_left_to_right_sum_of_the_sphere_gradients(rng, spheres):
+    """CRYSTALLINE.md section 1: ((g0 + g1) + g2) + ..., in float32, whatever the thread count;
+    the sphere gradients come from the core one by one, the sum from NumPy."""
+    config = ModelConfig(vocab_size=53, n_ctx=8, n_embd=16, n_layer=2, n_head=2)
+    model, _ = model_with_params(config, rng)
+    idx, targets = rng.integers(0, 53, (14, 8)), rng.integers(-1, 53, (14, 8))
+    keep = np.zeros((spheres, model.flat.size), np.float32)
+    model.core.sphere_losses_and_grads(idx, targets, spheres, 0, spheres, 1, keep)
+    expected = keep[0].copy()
+    for g in keep[1:]:
+        expected += g
+    for threads in (1, 2, 3, 5):
+        model.loss_and_grads(idx, targets, spheres=spheres, threads=threads)
+        assert np.array_equal(model.grad_flat, expected)
+
+
 def test_grads_are_views_into_one_flat_buffer(rng):
     config = ModelConfig(vocab_size=11, n_ctx=4, n_embd=8, n_layer=1, n_head=2)
     model, _ = model_with_params(config, rng)

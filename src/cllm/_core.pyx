@@ -24,7 +24,9 @@ import math
 
 import numpy as np
 cimport numpy as cnp
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
+cimport openmp
+from posix.unistd cimport usleep
 from libc.math cimport sqrtf, sqrt, log
 from libc.string cimport memset, memcpy
 from libc.stdint cimport int32_t, int64_t, uint32_t
@@ -737,6 +739,76 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
 
 
 # ----------------------------------------------------------------------------------------------
+# the gradient's ordered sum
+
+# The gradient is the left-to-right sum over spheres of the sphere gradients (CRYSTALLINE.md
+# section 1). Spheres are handed out in order to whichever thread is free, each computed into a
+# slot (sphere 0 straight into the result); a finished sphere is added to the result as soon as
+# every sphere before it has been, by the thread that finds it next in line. A thread is
+# handed a sphere only with a free slot, so memory stays at one slot per thread plus the result
+# whatever the sphere count, and a slow thread (a core shared with another process) holds up
+# no one until the slots run out, where a barrier per round of spheres would stop everyone.
+cdef struct OrderedSum:
+    float *result            # (P) sphere 0's gradient, then the running sum
+    float *slots             # (n_slots, P)
+    Py_ssize_t P
+    int spheres
+    int next_sphere          # the next sphere to hand out
+    int next_add             # the next sphere to add to the result (all before it are in)
+    int adding               # whether a thread is adding finished spheres now
+    int n_free
+    int *free_slots          # (n_slots) a stack of the free slot numbers
+    int *slot_of             # (spheres) the slot of each sphere handed out
+    char *finished           # (spheres) whether its gradient is computed
+    openmp.omp_lock_t lock
+
+
+cdef int take_sphere(OrderedSum *r, float **grads) noexcept nogil:
+    """The next sphere and the buffer for its gradient (waiting for a free slot); -1 when
+    every sphere has been handed out."""
+    cdef int s
+    while True:
+        openmp.omp_set_lock(&r.lock)
+        s = r.next_sphere
+        if s >= r.spheres:
+            openmp.omp_unset_lock(&r.lock)
+            return -1
+        if s == 0 or r.n_free > 0:
+            r.next_sphere += 1
+            if s == 0:
+                grads[0] = r.result
+            else:
+                r.n_free -= 1
+                r.slot_of[s] = r.free_slots[r.n_free]
+                grads[0] = r.slots + r.slot_of[s] * r.P
+            openmp.omp_unset_lock(&r.lock)
+            return s
+        openmp.omp_unset_lock(&r.lock)
+        usleep(200)    # every slot holds a sphere waiting for an earlier one: rare and short
+
+
+cdef void finish_sphere(OrderedSum *r, int s) noexcept nogil:
+    """Mark sphere s computed and, unless another thread is doing it, add to the result every
+    finished sphere that is next in line, freeing its slot."""
+    cdef int slot
+    openmp.omp_set_lock(&r.lock)
+    r.finished[s] = 1
+    if not r.adding:
+        r.adding = 1
+        while r.next_add < r.spheres and r.finished[r.next_add]:
+            if r.next_add > 0:
+                slot = r.slot_of[r.next_add]
+                openmp.omp_unset_lock(&r.lock)
+                cllm_row_add(r.result, r.slots + slot * r.P, r.P)
+                openmp.omp_set_lock(&r.lock)
+                r.free_slots[r.n_free] = slot
+                r.n_free += 1
+            r.next_add += 1
+        r.adding = 0
+    openmp.omp_unset_lock(&r.lock)
+
+
+# ----------------------------------------------------------------------------------------------
 # the owner of the model's state
 
 # Most OS threads one call runs on (the size of the per-thread workspace table).
@@ -759,10 +831,8 @@ cdef class Transformer:
     Spheres (CRYSTALLINE.md section 1): sequence b of a batch belongs to sphere b mod S; a sphere
     is run start to end by one thread with single-threaded BLAS, so its result does not depend
     on the thread. The gradient is the left-to-right sum over spheres 0..S-1 of the sphere
-    gradients. They are computed in waves of one sphere per thread, each into the buffer of its
-    place in the wave (sphere 0 straight into the result), and every wave is added to the
-    result in sphere order before the next starts: memory for one gradient per thread plus the
-    result, whatever S, and the same sums, bit for bit, for every thread count."""
+    gradients, added as the spheres finish (OrderedSum): memory for one gradient per thread plus
+    the result, whatever S, and the same sums, bit for bit, for every thread count."""
     cdef Dims d
     cdef readonly object config
     cdef readonly object params                 # (P) float32 flat buffer (read-only if mapped)
@@ -774,7 +844,7 @@ cdef class Transformer:
     cdef int32_t[:, ::1] ulam_xy                # (V, 2)
     cdef Py_ssize_t[:, ::1] adamw_ranges        # (R, 3) start, stop, decay flag
     cdef float[::1] grad_buf                    # (P) the reduced gradient
-    cdef float[:, ::1] wave_grads               # (threads, P) sphere gradients of one wave
+    cdef float[:, ::1] sphere_grads             # (threads, P) slots of spheres being summed
     cdef list workspace_sets                    # [(nb, T, backward, [Workspace per thread])]
 
     def __init__(self, config, params):
@@ -827,7 +897,7 @@ cdef class Transformer:
                 for start in range(off, off + math.prod(shape), CHUNK)]
         self.adamw_ranges = np.array(rows, dtype=np.intp).reshape(-1, 3)
         self.grad_buf = np.zeros(size, np.float32)
-        self.wave_grads = np.zeros((0, size), np.float32)
+        self.sphere_grads = np.zeros((0, size), np.float32)
         self.workspace_sets = []
 
     @property
@@ -888,9 +958,9 @@ cdef class Transformer:
         for j in range(threads):
             ws = spaces[j]
             acts_of_thread[j] = &ws.acts
-        if mode == MODE_GRADS and keep is None and self.wave_grads.shape[0] < threads:
-            self.wave_grads = None     # drop the smaller set before allocating the larger
-            self.wave_grads = np.empty((threads, self.P), np.float32)
+        if mode == MODE_GRADS and keep is None and self.sphere_grads.shape[0] < threads:
+            self.sphere_grads = None     # drop the smaller set before allocating the larger
+            self.sphere_grads = np.empty((threads, self.P), np.float32)
         cdef double[:, ::1] losses = np.zeros((spheres, 2), dtype=np.float64)
         # a sphere's sequences are gathered contiguously: (S, nbmax, T) blocks
         cdef int64_t[:, ::1] sphere_idx = np.empty((spheres, nbmax * T), dtype=np.int64)
@@ -908,8 +978,18 @@ cdef class Transformer:
         if mode == MODE_LOGITS:
             sphere_logits = np.empty((active, nbmax * T, d.V), dtype=np.float32)
         cdef float dscale = (1.0 / n_targets) if n_targets > 0 else 0.0
-        cdef float *result = &self.grad_buf[0]
         cdef float *grads
+        cdef OrderedSum order
+        cdef int[::1] order_free = np.arange(threads, dtype=np.intc)
+        cdef int[::1] order_slot_of = np.full(active, -1, dtype=np.intc)
+        cdef char[::1] order_finished = np.zeros(active, dtype=np.byte)
+        if mode == MODE_GRADS and keep is None:
+            memset(&order, 0, sizeof(OrderedSum))
+            order.result, order.slots = &self.grad_buf[0], &self.sphere_grads[0, 0]
+            order.P, order.spheres, order.n_free = self.P, active, threads
+            order.free_slots, order.slot_of = &order_free[0], &order_slot_of[0]
+            order.finished = &order_finished[0]
+            openmp.omp_init_lock(&order.lock)
         with blas_single_threaded():
             if mode != MODE_GRADS or keep is not None:
                 for s in prange(first, last, nogil=True, num_threads=threads,
@@ -921,23 +1001,18 @@ cdef class Transformer:
                         &sphere_logits[s, 0, 0] if mode == MODE_LOGITS else NULL,
                         sphere_nb[s], T, mode, dscale, &losses[s, 1])
             else:
-                nseg = threads
-                for w0 in range(0, active, threads):
-                    k = min(threads, active - w0)
-                    for j in prange(k, nogil=True, num_threads=k, schedule="static",
-                                    chunksize=1):
-                        s = w0 + j
-                        grads = result if s == 0 else &self.wave_grads[j, 0]
+                with nogil, parallel(num_threads=threads):
+                    s = take_sphere(&order, &grads)
+                    while s >= 0:
                         losses[s, 0] = sphere_step(
                             &d, self.p, grads, acts_of_thread[threadid()], &sphere_idx[s, 0],
                             &sphere_tgt[s, 0], NULL, sphere_nb[s], T, mode, dscale,
                             &losses[s, 1])
-                    # result += the wave's spheres, in sphere order, segment by segment
-                    for seg in prange(nseg, nogil=True, num_threads=nseg, schedule="static"):
-                        lo = self.P * seg // nseg
-                        hi = self.P * (seg + 1) // nseg
-                        for r in range(1 if w0 == 0 else 0, k):
-                            cllm_row_add(result + lo, &self.wave_grads[r, lo], hi - lo)
+                        finish_sphere(&order, s)
+                        s = take_sphere(&order, &grads)
+                openmp.omp_destroy_lock(&order.lock)
+                if order.next_add != active:
+                    raise RuntimeError("the ordered gradient sum missed a sphere")
         if mode == MODE_LOGITS:
             for b in range(B):
                 s = b % spheres
