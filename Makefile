@@ -3,13 +3,13 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h src/cllm/quant.h | cksum | cut -d' ' -f1)
 
 .PHONY: install test demo bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h
+$(STAMP): pyproject.toml setup.py src/cllm/_core.pyx src/cllm/vecmath.h src/cllm/quant.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,mpi]"

@@ -103,6 +103,18 @@ def time_train_step(model, idx, targets, threads: int, steps: int, optimizer: bo
     return median_seconds(step, steps)
 
 
+def greedy_generate(model, prompts, new_tokens: int) -> list[list[int]]:
+    """Greedy generation with the KV cache from prompts (a list of equal-length lists of ids,
+    decoded together as one batch, no padding): the new ids of each prompt."""
+    prompt = torch.as_tensor(prompts, dtype=torch.long)
+    with torch.inference_mode():
+        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=True,
+                                do_sample=False, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens,
+                                pad_token_id=0)  # never used without padding, but generate insists
+    return output[:, prompt.shape[1]:].tolist()
+
+
 def time_generate(model, prompt_ids, new_tokens: int, threads: int) -> tuple[float, list[int]]:
     """Batch-1 greedy generation with the KV cache: (new tokens per second, the new token ids).
 
@@ -110,17 +122,8 @@ def time_generate(model, prompt_ids, new_tokens: int, threads: int) -> tuple[flo
     first keeps one-off start-up costs out of it.
     """
     torch.set_num_threads(threads)
-    prompt = torch.as_tensor([list(prompt_ids)], dtype=torch.long)
-
-    def generate(n):
-        with torch.inference_mode():
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=True,
-                                  do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                  pad_token_id=0)  # unused at batch 1, but generate insists
-
-    generate(min(new_tokens, 4))
+    greedy_generate(model, [list(prompt_ids)], min(new_tokens, 4))
     start = time.perf_counter()
-    output = generate(new_tokens)
+    new_ids = greedy_generate(model, [list(prompt_ids)], new_tokens)[0]
     seconds = time.perf_counter() - start
-    new_ids = output[0, prompt.shape[1]:].tolist()
     return len(new_ids) / seconds, new_ids

@@ -1,9 +1,12 @@
-"""Incremental generation against full forwards; sampling; save and load."""
+"""Incremental generation against full forwards; prompts read as blocks; batches; bf16 and int8
+weights against the float64 reference; sampling; save and load."""
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+import reference as ref
 from cllm import Model, ModelConfig
+from cllm.config import GPT2_SWITCHES
 from cllm.generate import sample
 from cllm.tokenizer import train_char
 
@@ -132,3 +135,138 @@ def test_decoder_is_bitwise_identical_for_every_thread_count():
         runs.append(np.stack([decoder.step(int(t), pos).copy() for pos, t in enumerate(ids)]))
     for run in runs[1:]:
         assert np.array_equal(run, runs[0])
+
+
+# ---- prompts read as blocks of rows, batches, quantized weights ---------------------------
+
+def bf16_rounded(w):
+    """float64 of the bfloat16 nearest to float32(w), ties to even: written from the format's
+    definition (keep the top 16 bits of the float32, rounding on the 16 dropped)."""
+    bits = np.asarray(w, np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return rounded.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def q8_dequantized(w_rows):
+    """Rows (OC, IC) quantized in blocks of 32 along IC to int8 with scale amax/127, back in
+    float64."""
+    w = np.asarray(w_rows, np.float64)
+    OC, IC = w.shape
+    K = -(-IC // 32) * 32
+    padded = np.zeros((OC, K))
+    padded[:, :IC] = w
+    blocks = padded.reshape(OC, K // 32, 32)
+    scale = np.abs(blocks).max(axis=2, keepdims=True) / 127
+    q = np.divide(blocks, scale, out=np.zeros_like(blocks), where=scale > 0)
+    return (np.clip(np.round(q), -127, 127) * scale).reshape(OC, K)[:, :IC]
+
+
+def reference_with(model, rows_fn):
+    """float64 params of model with every generation matrix replaced by rows_fn applied to it
+    rows by output (layer matrices (IC, OC) are transposed there and back)."""
+    from cllm._core import DECODER_MATRICES
+    params = {name: np.asarray(v, np.float64) for name, v in model.params.items()}
+    for name in list(params):
+        if any(name.endswith(m) for m in DECODER_MATRICES):
+            params[name] = rows_fn(params[name].T).T
+        elif name in ("wte", "lm_head.weight"):
+            params[name] = rows_fn(params[name])
+    return params
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_prompt_read_as_one_block_equals_its_steps(tied):
+    model = random_model(tied, n_ctx=16)
+    ids = np.random.default_rng(2).integers(0, 40, 16)
+    steps = model.core.decoder(2)
+    by_step = np.stack([steps.step(int(t), pos).copy() for pos, t in enumerate(ids)])
+    block = model.core.decoder(2).read(ids, every=True)
+    assert np.abs(block - by_step).max() <= 1e-5 * np.abs(by_step).max()
+    last = model.core.decoder(2).read(ids)
+    assert np.abs(last - by_step[-1]).max() <= 1e-5 * np.abs(by_step[-1]).max()
+
+
+@pytest.mark.parametrize("weights", ["float32", "bf16", "int8"])
+def test_a_batch_decodes_like_each_prompt_alone(weights):
+    base = random_model(n_ctx=16)
+    model = base if weights == "float32" else base.quantized(weights)
+    prompts = [[1, 2, 3], [7] * 9, [5, 30, 2, 9, 11], list(range(20))]  # the last slides
+    together = model.generate_ids(prompts, 30, temperature=0)
+    alone = [model.generate_ids(p, 30, temperature=0) for p in prompts]
+    assert together == alone
+    sampled = model.generate_ids(prompts, 20, temperature=1.0, seed=4)
+    assert sampled[0] == model.generate_ids(prompts[0], 20, temperature=1.0, seed=4)
+    assert sampled[1] == model.generate_ids(prompts[1], 20, temperature=1.0, seed=5)
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_quantized_decoder_is_bitwise_the_same_for_any_threads(weights):
+    """And a prompt read as one block (weights in float32 tiles through BLAS) agrees with its
+    steps (one row: the bf16 and int8 kernels) to float32 rounding."""
+    model = random_model(tied=False).quantized(weights)
+    ids = np.random.default_rng(4).integers(0, 40, 16)
+    blocks = [model.core.decoder(threads).read(ids, every=True) for threads in (1, 2, 3)]
+    steps = []
+    for threads in (1, 2, 3):
+        decoder = model.core.decoder(threads)
+        steps.append(np.stack([decoder.step(int(t), pos).copy() for pos, t in enumerate(ids)]))
+    for run in blocks[1:]:
+        assert np.array_equal(run, blocks[0])
+    for run in steps[1:]:
+        assert np.array_equal(run, steps[0])
+    assert np.abs(blocks[0] - steps[0]).max() <= 1e-5 * np.abs(steps[0]).max()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("switches", [GPT2_SWITCHES, dict(position="angular", attention="ulam")])
+def test_bf16_model_against_the_reference_with_bf16_weights(tied, switches):
+    config = ModelConfig(vocab_size=40, n_ctx=16, n_embd=24, n_layer=2, n_head=3,
+                         tie_embeddings=tied, **switches)
+    model = Model.create(config, seed=1)
+    rng = np.random.default_rng(1)
+    for view in model.params.values():
+        view += rng.standard_normal(view.shape).astype(np.float32) * 0.3
+    idx = rng.integers(0, 40, (2, 16))
+    expected = ref.gpt2_forward(reference_with(model, bf16_rounded), config, idx)
+    got = model.quantized("bf16").forward(idx)
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_int8_model_against_the_reference_with_int8_weights():
+    """Activations are quantized too (blocks of 32 per row): agreement to about 1%."""
+    model = random_model(tied=False)
+    idx = np.random.default_rng(5).integers(0, 40, (2, 16))
+    expected = ref.gpt2_forward(reference_with(model, q8_dequantized), model.config, idx)
+    got = model.quantized("int8").forward(idx)
+    assert np.abs(got - expected).max() <= 3e-2 * np.abs(expected).max()
+    exact = model.forward(idx)
+    assert np.abs(exact - expected).max() > 1e-4 * np.abs(expected).max()  # int8 is not float32
+
+
+@pytest.mark.parametrize("loss", ["ce", "crystalline"])
+def test_quantized_losses_follow_float32_and_training_is_refused(loss):
+    config = ModelConfig(vocab_size=40, n_ctx=16, n_embd=24, n_layer=2, n_head=3, loss=loss)
+    model = Model.create(config, seed=2)
+    rng = np.random.default_rng(2)
+    idx, targets = rng.integers(0, 40, (3, 16)), rng.integers(-1, 40, (3, 16))
+    exact = model.loss(idx, targets)
+    for weights, tolerance in (("bf16", 1e-3), ("int8", 1e-2)):
+        quantized = model.quantized(weights)
+        assert quantized.weight_format == weights
+        got = quantized.loss(idx, targets)
+        assert abs(got.loss - exact.loss) <= tolerance * exact.loss
+        assert abs(got.ce - exact.ce) <= tolerance * exact.ce
+        assert quantized.cross_entropy(idx, targets) == got.ce
+        with pytest.raises(ValueError, match="for generation only"):
+            quantized.loss_and_grads(idx, targets)
+        with pytest.raises(ValueError, match="already quantized"):
+            quantized.quantized("int8")
+
+
+def test_text_of_several_prompts_at_once():
+    model = char_model()
+    texts = model.generate(["hello", "there", "wor"], 12, temperature=1.0, seed=3)
+    assert texts[0] == model.generate("hello", 12, temperature=1.0, seed=3)
+    assert texts[2] == model.generate("wor", 12, temperature=1.0, seed=5)
+    with pytest.raises(ValueError, match="non-empty"):
+        model.generate(["hello", ""])

@@ -29,7 +29,8 @@ cimport openmp
 from posix.unistd cimport usleep
 from libc.math cimport sqrtf, sqrt, log
 from libc.string cimport memset, memcpy
-from libc.stdint cimport int32_t, int64_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint16_t, uint32_t
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from scipy.linalg.cython_blas cimport sgemm
 
 cnp.import_array()
@@ -49,6 +50,17 @@ cdef extern from "vecmath.h" nogil:
     void cllm_adamw_range(float *p, const float *g, float *m, float *v, long n, float lr,
                           float beta1, float beta2, float eps, float decay, float grad_scale,
                           float bc1, float bc2)
+
+cdef extern from "quant.h" nogil:
+    enum: CLLM_QK
+    void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC, int K)
+    void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq, const float *xs,
+                        int M, const int8_t *wq, const float *ws, int K, int o0, int o1)
+    void cllm_bf16_round(uint16_t *out, const float *x, long n)
+    void cllm_bf16_matmul(float *y, long ldy, const float *bias, const float *x, int M, int IC,
+                          const uint16_t *w, int o0, int o1)
+    void cllm_q8_dequantize_row(float *out, const int8_t *q, const float *scale, int IC)
+    void cllm_bf16_to_float(float *out, const uint16_t *w, long n)
 
 # Per-layer tensors, indices into a row of the owner's layer-offset table; LAYER_TENSOR_NAMES
 # gives their names in the same order, and the table is built (and checked) from those names.
@@ -763,9 +775,9 @@ cdef struct OrderedSum:
     openmp.omp_lock_t lock
 
 
-cdef int take_sphere(OrderedSum *r, float **grads) noexcept nogil:
-    """The next sphere and the buffer for its gradient (waiting for a free slot); -1 when
-    every sphere has been handed out."""
+cdef int take_sphere(OrderedSum *r) noexcept nogil:
+    """The next sphere, with a slot for its gradient unless it is sphere 0 (waiting for a free
+    slot); -1 when every sphere has been handed out."""
     cdef int s
     while True:
         openmp.omp_set_lock(&r.lock)
@@ -775,16 +787,18 @@ cdef int take_sphere(OrderedSum *r, float **grads) noexcept nogil:
             return -1
         if s == 0 or r.n_free > 0:
             r.next_sphere += 1
-            if s == 0:
-                grads[0] = r.result
-            else:
+            if s > 0:
                 r.n_free -= 1
                 r.slot_of[s] = r.free_slots[r.n_free]
-                grads[0] = r.slots + r.slot_of[s] * r.P
             openmp.omp_unset_lock(&r.lock)
             return s
         openmp.omp_unset_lock(&r.lock)
         usleep(200)    # every slot holds a sphere waiting for an earlier one: rare and short
+
+
+cdef inline float *sphere_gradient(const OrderedSum *r, int s) noexcept nogil:
+    """Where sphere s (taken by this thread) writes its gradient: the result for sphere 0."""
+    return r.result if s == 0 else r.slots + r.slot_of[s] * r.P
 
 
 cdef void finish_sphere(OrderedSum *r, int s) noexcept nogil:
@@ -822,6 +836,9 @@ cdef enum:
     CHUNK = 65536
 
 
+cdef class Weights    # the matrices as generation reads them (below)
+
+
 cdef class Transformer:
     """A GPT-2 with the crystalline switches, as the core runs it: built once from a ModelConfig
     and the flat float32 parameter buffer, it holds the dimensions, the crystalline tables, the
@@ -846,6 +863,7 @@ cdef class Transformer:
     cdef float[::1] grad_buf                    # (P) the reduced gradient
     cdef float[:, ::1] sphere_grads             # (threads, P) slots of spheres being summed
     cdef list workspace_sets                    # [(nb, T, backward, [Workspace per thread])]
+    cdef readonly Weights quantized             # bf16 or int8 matrices for generation, or None
 
     def __init__(self, config, params):
         from .crystal import angular_tables, ulam_neighbours, ulam_points
@@ -899,6 +917,7 @@ cdef class Transformer:
         self.grad_buf = np.zeros(size, np.float32)
         self.sphere_grads = np.zeros((0, size), np.float32)
         self.workspace_sets = []
+        self.quantized = None
 
     @property
     def grad(self):
@@ -931,6 +950,9 @@ cdef class Transformer:
         the recursive level), sphere s writing its own gradient to keep[s - first], unsummed."""
         from .threads import blas_single_threaded
         cdef Dims d = self.d          # a copy: this batch's crystalline rows go into it
+        if self.quantized is not None:
+            raise ValueError(f"this model's matrices are {self.quantized.format}, for generation "
+                             f"only: the training forward and backward need float32 weights")
         cdef int B = idx.shape[0], T = idx.shape[1]
         cdef int active = min(spheres, B)
         if keep is not None:
@@ -978,7 +1000,7 @@ cdef class Transformer:
         if mode == MODE_LOGITS:
             sphere_logits = np.empty((active, nbmax * T, d.V), dtype=np.float32)
         cdef float dscale = (1.0 / n_targets) if n_targets > 0 else 0.0
-        cdef float *grads
+        cdef float *grads = NULL
         cdef OrderedSum order
         cdef int[::1] order_free = np.arange(threads, dtype=np.intc)
         cdef int[::1] order_slot_of = np.full(active, -1, dtype=np.intc)
@@ -1002,14 +1024,15 @@ cdef class Transformer:
                         sphere_nb[s], T, mode, dscale, &losses[s, 1])
             else:
                 with nogil, parallel(num_threads=threads):
-                    s = take_sphere(&order, &grads)
+                    s = take_sphere(&order)
                     while s >= 0:
+                        grads = sphere_gradient(&order, s)
                         losses[s, 0] = sphere_step(
                             &d, self.p, grads, acts_of_thread[threadid()], &sphere_idx[s, 0],
                             &sphere_tgt[s, 0], NULL, sphere_nb[s], T, mode, dscale,
                             &losses[s, 1])
                         finish_sphere(&order, s)
-                        s = take_sphere(&order, &grads)
+                        s = take_sphere(&order)
                 openmp.omp_destroy_lock(&order.lock)
                 if order.next_add != active:
                     raise RuntimeError("the ordered gradient sum missed a sphere")
@@ -1061,9 +1084,27 @@ cdef class Transformer:
         adamw_update(self.params, grads, m, v, self.adamw_ranges, lr, beta1, beta2, eps,
                      weight_decay, grad_scale, step, threads)
 
-    def decoder(self, int threads):
-        """A fresh generation state (key/value cache) over these parameters."""
-        return Decoder(self, threads)
+    def use_weights(self, str format, list matrices):
+        """Generate from these matrices (see Weights) instead of the float32 parameters: the
+        model becomes inference-only, its flat buffer holding the small tensors alone."""
+        self.quantized = Weights(self, format, matrices)
+
+    @property
+    def weight_format(self):
+        return "float32" if self.quantized is None else self.quantized.format
+
+    def decoder(self, int threads, int batch=1):
+        """A fresh generation state (key/value caches of `batch` sequences) over these
+        parameters."""
+        cdef Weights weights = self.quantized
+        if weights is None:
+            views = self.config.views(self.params)
+            head = views["wte" if self.config.tie_embeddings else "lm_head.weight"]
+            weights = Weights(self, "float32",
+                              [views[f"h.{l}.{name}"] for l in range(self.d.L)
+                               for name in DECODER_MATRICES]
+                              + [np.ascontiguousarray(head.T), views["wte"]])
+        return Decoder(self, weights, batch, threads)
 
 
 def mean_losses(const double[:, ::1] losses, Py_ssize_t n_targets):
@@ -1254,128 +1295,570 @@ def layer_crystalline(const float[:, ::1] logits, const int64_t[::1] targets,
 
 
 # ----------------------------------------------------------------------------------------------
-# incremental generation: one token at a time through every layer, with a key/value cache
+# int8 (Q8) and bfloat16 matrix products for generation (quant.h): W stored by output row,
+# (OC, IC), y = x @ W.T + bias
 
-# Row blocks of a generation matrix-vector product: fixed, so that the sum does not depend on
-# the thread count; 4 keeps 1, 2 and 4 threads evenly loaded.
 cdef enum:
+    FORMAT_F32 = 0
+    FORMAT_BF16 = 1
+    FORMAT_INT8 = 2
+
+
+cdef struct Matrix:
+    # One matrix as generation reads it: y (M, OC) = x (M, IC) @ W + bias, in one format.
+    int format, IC, OC
+    int K                     # int8: IC rounded up to a multiple of CLLM_QK
+    const float *f32          # float32: (IC, OC), the training layout
+    const uint16_t *bf16      # bf16: (OC, IC), rows by output
+    const int8_t *q8          # int8: (OC, K), rows by output
+    const float *scale        # int8: (OC, K / CLLM_QK), one scale per block of CLLM_QK weights
+    const float *bias         # (OC) or NULL
+
+
+# Units of parallel work of a product: OC cut into this many blocks of rows, whatever the
+# thread count. Each output is computed whole by one call, so the split only sets the speed:
+# a block is read as 4 streams (quant.h), which want long blocks, and 8 keeps 1, 2, 4 and 8
+# threads evenly loaded.
+cdef enum:
+    LINEAR_BLOCKS = 8
+
+
+cdef inline int q8_width(int IC) noexcept nogil:
+    """K: IC rounded up to whole blocks"""
+    return (IC + CLLM_QK - 1) // CLLM_QK * CLLM_QK
+
+
+cdef void quantized_product(float *y, const float *x, int M, const Matrix *m, int8_t *xq,
+                           float *xs, int threads) noexcept nogil:
+    """y (M, OC) = x (M, IC) @ W.T + bias for a bf16 or int8 W; for int8, x is first quantized
+    into xq (M, K), xs (M, K / 32). The outputs are cut into LINEAR_BLOCKS blocks that the
+    threads take as they come free (a thread that shares its core with another process then
+    holds up one block, not a fixed share of the work)."""
+    cdef int c
+    if m.format == FORMAT_INT8:
+        cllm_q8_quantize_rows(xq, xs, x, M, m.IC, m.K)
+    for c in prange(LINEAR_BLOCKS, num_threads=threads, schedule="dynamic"):
+        if m.format == FORMAT_INT8:
+            cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K,
+                           m.OC * c // LINEAR_BLOCKS, m.OC * (c + 1) // LINEAR_BLOCKS)
+        else:
+            cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, m.OC * c // LINEAR_BLOCKS,
+                             m.OC * (c + 1) // LINEAR_BLOCKS)
+
+
+def quantize_q8(const float[:, ::1] x):
+    """x (M, IC) -> q int8 (M, K), scale float32 (M, K // 32), K = IC rounded up to 32: per
+    block of 32, scale = max |x| / 127 and q = x / scale rounded to nearest even."""
+    cdef int M = x.shape[0], IC = x.shape[1], K = q8_width(IC)
+    q = np.zeros((M, K), np.int8)
+    scale = np.zeros((M, K // CLLM_QK), np.float32)
+    cdef int8_t[:, ::1] qv = q
+    cdef float[:, ::1] sv = scale
+    if M and IC:
+        with nogil:
+            cllm_q8_quantize_rows(&qv[0, 0], &sv[0, 0], &x[0, 0], M, IC, K)
+    return q, scale
+
+
+def dequantize_q8(const int8_t[:, ::1] q, const float[:, ::1] scale, int IC):
+    """q (M, K), scale (M, K // 32) -> x (M, IC) = q * scale, the padding dropped: the rows
+    of a Q8 matrix back in float32 (what the embedding lookup of a Q8 table does)."""
+    cdef int M = q.shape[0], K = q.shape[1], m
+    if IC < 0 or K != q8_width(IC) or scale.shape[0] != M or scale.shape[1] != K // CLLM_QK:
+        raise ValueError(f"dequantize_q8: q ({M}, {K}) and scale ({scale.shape[0]}, "
+                         f"{scale.shape[1]}) do not hold rows of width {IC}")
+    out = np.zeros((M, IC), np.float32)
+    cdef float[:, ::1] ov = out
+    if M and IC:
+        with nogil:
+            for m in range(M):
+                cllm_q8_dequantize_row(&ov[m, 0], &q[m, 0], &scale[m, 0], IC)
+    return out
+
+
+cdef check_linear(int IC, int OC, bias, int threads):
+    if IC < 1:
+        raise ValueError("linear: the input rows are empty (IC = 0)")
+    if bias is not None and bias.shape[0] != OC:
+        raise ValueError(f"linear: bias has {bias.shape[0]} elements for {OC} outputs")
+    if threads < 1:
+        raise ValueError(f"linear: threads must be at least 1, not {threads}")
+
+
+def q8_linear(const float[:, ::1] x, const int8_t[:, ::1] q, const float[:, ::1] scale,
+              const float[::1] bias, int threads):
+    """y (M, OC) = x (M, IC) @ W.T + bias with W given as Q8 (q (OC, K), scale (OC, K // 32),
+    quantize_q8 of W): x is quantized the same way, then each block product is an exact int32
+    dot product times the two scales. bias may be None. The result is the same bits for every
+    thread count."""
+    cdef int M = x.shape[0], IC = x.shape[1], OC = q.shape[0], K = q.shape[1], nb = K // CLLM_QK
+    check_linear(IC, OC, bias, threads)
+    if K != q8_width(IC) or scale.shape[0] != OC or scale.shape[1] != nb:
+        raise ValueError(f"q8_linear: q ({OC}, {K}) and scale ({scale.shape[0]}, "
+                         f"{scale.shape[1]}) do not fit inputs of width {IC} "
+                         f"(expected K = {q8_width(IC)})")
+    y = np.zeros((M, OC), np.float32)
+    if M == 0 or OC == 0:
+        return y
+    cdef float[:, ::1] yv = y
+    cdef int8_t[::1] xq = np.empty(M * K, np.int8)
+    cdef float[::1] xs = np.empty(M * nb, np.float32)
+    cdef Matrix m
+    memset(&m, 0, sizeof(Matrix))
+    m.format, m.IC, m.OC, m.K, m.q8, m.scale = FORMAT_INT8, IC, OC, K, &q[0, 0], &scale[0, 0]
+    if bias is not None:
+        m.bias = &bias[0]
+    with nogil:
+        quantized_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], threads)
+    return y
+
+
+def bf16_round(const float[::1] x):
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even; a NaN stays a NaN."""
+    out = np.empty(x.shape[0], np.uint16)
+    cdef uint16_t[::1] ov = out
+    if x.shape[0]:
+        with nogil:
+            cllm_bf16_round(&ov[0], &x[0], x.shape[0])
+    return out
+
+
+def bf16_to_float(const uint16_t[::1] w):
+    """bfloat16 bits -> float32 values"""
+    out = np.empty(w.shape[0], np.float32)
+    cdef float[::1] ov = out
+    if w.shape[0]:
+        with nogil:
+            cllm_bf16_to_float(&ov[0], &w[0], w.shape[0])
+    return out
+
+
+def bf16_linear(const float[:, ::1] x, const uint16_t[:, ::1] w, const float[::1] bias,
+                int threads):
+    """y (M, OC) = x (M, IC) @ float(w).T + bias, w (OC, IC) bfloat16 bits, accumulated in
+    float32; bias may be None. The same bits for every thread count."""
+    cdef int M = x.shape[0], IC = x.shape[1], OC = w.shape[0]
+    check_linear(IC, OC, bias, threads)
+    if w.shape[1] != IC:
+        raise ValueError(f"bf16_linear: w ({OC}, {w.shape[1]}) does not fit inputs of width {IC}")
+    y = np.zeros((M, OC), np.float32)
+    if M == 0 or OC == 0:
+        return y
+    cdef float[:, ::1] yv = y
+    cdef Matrix m
+    memset(&m, 0, sizeof(Matrix))
+    m.format, m.IC, m.OC, m.bf16 = FORMAT_BF16, IC, OC, &w[0, 0]
+    if bias is not None:
+        m.bias = &bias[0]
+    with nogil:
+        quantized_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, threads)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# generation: rows of tokens through every layer, with a key/value cache per sequence
+
+cdef enum:
+    # Row blocks of a one-row float32 matrix-vector product: fixed, so that the sum does not
+    # depend on the thread count; 4 keeps 1, 2 and 4 threads evenly loaded.
     MATVEC_BLOCKS = 4
+    # Output rows (columns of a float32 matrix) per unit of work of a product of several rows:
+    # the weights of a tile go to float32 (for bf16 and int8) and through single-threaded BLAS.
+    TILE = 64
+    MAX_ROWS = 256       # most token rows one decoder call runs (a longer prompt goes in blocks)
+
+# The formats of Weights, in FORMAT_* order.
+WEIGHT_FORMATS = ("float32", "bf16", "int8")
+# The matrices of a layer that generation reads, in the order of a Weights list.
+DECODER_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                    "mlp.c_proj.weight")
+
+
+cdef class Weights:
+    """The matrices generation reads, all in one format: for each layer those of
+    DECODER_MATRICES, then the head, then the token table. float32 matrices are the training
+    layout (IC, OC) (the head given transposed, (C, V)); bf16 (uint16 bits) and int8 (a
+    (q, scale) pair) ones are rows by output, (OC, IC), so that a thread reads whole rows and
+    every output is one dot product. The token table is read by rows, (V, C), in every format.
+    The small tensors (LayerNorms, biases, wpe) are the Transformer's float32 ones."""
+    cdef readonly str format
+    cdef int fmt, n
+    cdef list arrays            # keeps the matrices alive
+    cdef Matrix *m              # (4 L + 2)
+
+    def __cinit__(self):
+        self.m = NULL
+
+    def __dealloc__(self):
+        PyMem_Free(self.m)
+
+    def __init__(self, Transformer net, str format, list matrices):
+        cdef Dims *d = &net.d
+        cdef int C = d.C, F = d.F, V = d.V, l, k
+        cdef const Py_ssize_t *o
+        if format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight format must be one of {WEIGHT_FORMATS}, got {format!r}")
+        self.format, self.fmt = format, WEIGHT_FORMATS.index(format)
+        self.n = len(DECODER_MATRICES) * d.L + 2
+        if len(matrices) != self.n:
+            raise ValueError(f"expected {self.n} matrices, got {len(matrices)}")
+        self.arrays = list(matrices)
+        self.m = <Matrix *>PyMem_Malloc(self.n * sizeof(Matrix))
+        if self.m == NULL:
+            raise MemoryError()
+        shapes = ((C, 3 * C, QKV_B), (C, C, PROJ_B), (C, F, FC_B), (F, C, FCPROJ_B))
+        for l in range(d.L):
+            o = d.layer + l * N_LAYER_TENSORS
+            for k, (IC, OC, bias) in enumerate(shapes):
+                self.set(l * 4 + k, matrices[l * 4 + k], IC, OC, net.p + o[bias])
+        self.set(self.n - 2, matrices[self.n - 2], C, V, NULL)
+        # the token table is read by rows: (V, C) as an int8 or bf16 matrix of IC = C
+        if self.fmt == FORMAT_F32:
+            self.set(self.n - 1, matrices[self.n - 1], V, C, NULL)
+        else:
+            self.set(self.n - 1, matrices[self.n - 1], C, V, NULL)
+
+    cdef set(self, int i, entry, int IC, int OC, const float *bias):
+        cdef Matrix *m = &self.m[i]
+        cdef const float[:, ::1] f
+        cdef const uint16_t[:, ::1] h
+        cdef const int8_t[:, ::1] q
+        cdef const float[:, ::1] sc
+        memset(m, 0, sizeof(Matrix))
+        m.format, m.IC, m.OC, m.bias = self.fmt, IC, OC, bias
+        m.K = q8_width(IC)
+        if self.fmt == FORMAT_F32:
+            f = entry
+            expected, got = ((IC, OC),), ((f.shape[0], f.shape[1]),)
+            m.f32 = &f[0, 0]
+        elif self.fmt == FORMAT_BF16:
+            h = entry
+            expected, got = ((OC, IC),), ((h.shape[0], h.shape[1]),)
+            m.bf16 = &h[0, 0]
+        else:
+            q, sc = entry
+            expected = ((OC, m.K), (OC, m.K // CLLM_QK))
+            got = ((q.shape[0], q.shape[1]), (sc.shape[0], sc.shape[1]))
+            m.q8, m.scale = &q[0, 0], &sc[0, 0]
+        if got != expected:
+            raise ValueError(f"{self.format} matrix {i}: shape {got}, expected {expected}")
 
 
 cdef class Decoder:
-    """Generation state of one sequence: the key/value cache of every layer for the whole
-    context, allocated once, and the scratch rows of one token. `step` runs one token through
-    the model in nogil code, splitting each matrix-vector product over `threads` threads.
+    """Generation state of `batch` sequences: the key/value cache of every layer of each for
+    the whole context, allocated once, and the scratch of up to MAX_ROWS token rows. `rows`
+    runs rows of (token, sequence, position) through the model in nogil code, each matrix
+    product split over `threads` threads: one row of one sequence is a generation step, a
+    block of rows of one sequence reads a prompt (the matrix-matrix kernels), one row of each
+    sequence decodes a batch, every weight read once for all of them.
 
-    The head is kept transposed, (C, V), so that its product streams whole rows like every
-    other layer's (see cllm_matvec_accumulate)."""
+    Every output of a product is computed by one thread in an order fixed by the matrix
+    alone, so the text does not depend on the thread count; with bf16 or int8 weights it does
+    not depend on how rows are grouped either."""
     cdef Dims d
     cdef Transformer net                      # keeps the parameters and d's tables alive
-    cdef const float[::1] params
-    cdef float[:, ::1] head_t                 # (C, V)
-    cdef float[:, :, ::1] k_cache, v_cache    # (L, n_ctx, C)
-    cdef float[::1] x, ln, qkv, atty, fch, mean_rstd, logits, zeros
-    cdef float[:, ::1] partial                # (MATVEC_BLOCKS, max(3C, F, V)) block sums
-    cdef float[:, ::1] scores                 # (H, n_ctx)
-    cdef int threads
+    cdef Weights w
+    cdef readonly int batch
+    cdef readonly int most_threads            # what the scratch is sized for
+    cdef int active_threads
+    cdef float[:, :, :, ::1] k_cache, v_cache   # (batch, L, n_ctx, C)
+    cdef float[:, ::1] x, ln, qkv, atty, fch    # (MAX_ROWS, C | C | 3C | C | F)
+    cdef float[::1] mean, rstd                  # (MAX_ROWS)
+    cdef int8_t[::1] xq                         # int8 activation rows (MAX_ROWS * max K)
+    cdef float[::1] xs                          # their scales
+    cdef float[:, ::1] partial                  # (MATVEC_BLOCKS, max(3C, F, V)) block sums
+    cdef float[:, ::1] scores                   # (threads, MAX_ROWS * n_ctx) attention
+    cdef float[:, ::1] tiles                    # (threads, TILE * max(C, F)) weights in float32
+    cdef float[::1] x_int8                      # (M, IC) int8 activations back in float32
+    cdef float[:, ::1] logits                   # (max(batch, 1), V) of step and decode
 
-    def __init__(self, Transformer net, int threads):
+    def __init__(self, Transformer net, Weights weights, int batch, int threads):
         cdef Dims *d = &self.d
+        if batch < 1 or threads < 1:
+            raise ValueError("batch and threads must be >= 1")
         self.d = net.d
-        self.net = net
-        self.params = params = net.params
-        self.threads = threads
-        head = np.asarray(params)[d.head:d.head + d.V * d.C].reshape(d.V, d.C)
-        self.head_t = np.ascontiguousarray(head.T)
-        self.k_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
-        self.v_cache = np.zeros((d.L, d.n_ctx, d.C), np.float32)
-        self.x = np.zeros(d.C, np.float32)
-        self.ln = np.zeros(d.C, np.float32)
-        self.qkv = np.zeros(3 * d.C, np.float32)
-        self.atty = np.zeros(d.C, np.float32)
-        self.fch = np.zeros(d.F, np.float32)
-        self.mean_rstd = np.zeros(2, np.float32)
-        self.logits = np.zeros(d.V, np.float32)
-        self.zeros = np.zeros(d.V, np.float32)
+        self.net, self.w, self.batch = net, weights, batch
+        self.active_threads = self.most_threads = threads
+        self.k_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
+        self.v_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
+        rows = MAX_ROWS
+        self.x = np.zeros((rows, d.C), np.float32)
+        self.ln = np.zeros((rows, d.C), np.float32)
+        self.qkv = np.zeros((rows, 3 * d.C), np.float32)
+        self.atty = np.zeros((rows, d.C), np.float32)
+        self.fch = np.zeros((rows, d.F), np.float32)
+        self.mean = np.zeros(rows, np.float32)
+        self.rstd = np.zeros(rows, np.float32)
+        widest = q8_width(max(d.C, d.F))
+        self.xq = np.zeros(rows * widest, np.int8)
+        self.xs = np.zeros(rows * widest // CLLM_QK, np.float32)
         self.partial = np.zeros((MATVEC_BLOCKS, max(3 * d.C, d.F, d.V)), np.float32)
-        self.scores = np.zeros((d.H, d.n_ctx), np.float32)
+        self.scores = np.zeros((threads, MAX_ROWS * d.n_ctx), np.float32)
+        self.tiles = np.zeros((threads, TILE * max(d.C, d.F)), np.float32)
+        self.x_int8 = np.zeros(rows * max(d.C, d.F), np.float32)
+        self.logits = np.zeros((batch, d.V), np.float32)
 
-    cdef void matvec(self, float *out, const float *x, const float *w, const float *b,
-                     int IC, int OC) noexcept nogil:
-        """out (OC) = x (IC) @ w (IC, OC) + b. The rows of w are cut into MATVEC_BLOCKS fixed
-        blocks, shared among the threads, each summed into its own partial vector; the
-        partials are then added in block order, so the result is the same for every thread
-        count."""
-        cdef int blk
-        for blk in prange(MATVEC_BLOCKS, num_threads=self.threads, schedule="static"):
+    @property
+    def weight_format(self):
+        return self.w.format
+
+    @property
+    def threads(self):
+        """The threads the next call runs on, 1..most_threads (the text never depends on it)."""
+        return self.active_threads
+
+    @threads.setter
+    def threads(self, int n):
+        if not 1 <= n <= self.most_threads:
+            raise ValueError(f"threads must lie in [1, {self.most_threads}], got {n}")
+        self.active_threads = n
+
+    cdef void matvec(self, float *out, const float *x, const Matrix *m) noexcept nogil:
+        """out (OC) = x (IC) @ W + b, float32 W (IC, OC). The rows of W are cut into
+        MATVEC_BLOCKS fixed blocks, shared among the threads, each summed into its own partial
+        vector; the partials are then added in block order, so the result is the same for
+        every thread count."""
+        cdef int blk, IC = m.IC, OC = m.OC
+        for blk in prange(MATVEC_BLOCKS, num_threads=self.active_threads, schedule="dynamic"):
             memset(&self.partial[blk, 0], 0, OC * sizeof(float))
-            cllm_matvec_accumulate(&self.partial[blk, 0], x, w, OC,
+            cllm_matvec_accumulate(&self.partial[blk, 0], x, m.f32, OC,
                                    IC * blk // MATVEC_BLOCKS, IC * (blk + 1) // MATVEC_BLOCKS)
-        memcpy(out, b, OC * sizeof(float))
+        if m.bias != NULL:
+            memcpy(out, m.bias, OC * sizeof(float))
+        else:
+            memset(out, 0, OC * sizeof(float))
         for blk in range(MATVEC_BLOCKS):
             cllm_row_add(out, &self.partial[blk, 0], OC)
 
-    cdef void attend_one(self, int l, int pos) noexcept nogil:
-        """atty = softmax(q k^T / sqrt(hd)) v over the cached positions that pos attends to
-        (0..pos, or its Ulam neighbours), heads in parallel."""
+    cdef void linear(self, float *y, const float *x, int M, const Matrix *m) noexcept nogil:
+        """y (M, OC) = x (M, IC) @ W + bias. One row reads each weight once, in its own format
+        (bound by memory); several rows (a prompt, a batch) are bound by arithmetic: tiles of
+        TILE output rows, their weights in float32, go through BLAS, the threads taking tiles
+        as they come free (a thread that shares its core with another process then holds up
+        one tile, not a fixed share of the work)."""
+        cdef int blk, o0, o1, r, o
+        cdef float *tile
+        if M == 1:
+            if m.format == FORMAT_F32:
+                self.matvec(y, x, m)
+            else:
+                quantized_product(y, x, 1, m, &self.xq[0], &self.xs[0], self.active_threads)
+            return
+        for r in range(M):
+            if m.bias != NULL:
+                memcpy(y + <Py_ssize_t>r * m.OC, m.bias, m.OC * sizeof(float))
+            else:
+                memset(y + <Py_ssize_t>r * m.OC, 0, m.OC * sizeof(float))
+        if m.format == FORMAT_INT8:
+            # int8 products take int8 activations: x's rows rounded as one row's would be
+            cllm_q8_quantize_rows(&self.xq[0], &self.xs[0], x, M, m.IC, m.K)
+            for r in range(M):
+                cllm_q8_dequantize_row(&self.x_int8[<Py_ssize_t>r * m.IC],
+                                       &self.xq[<Py_ssize_t>r * m.K],
+                                       &self.xs[r * (m.K // CLLM_QK)], m.IC)
+            x = &self.x_int8[0]
+        for blk in prange((m.OC + TILE - 1) // TILE, num_threads=self.active_threads,
+                          schedule="dynamic"):
+            o0 = blk * TILE
+            o1 = min(o0 + TILE, m.OC)
+            if m.format == FORMAT_F32:
+                # y[:, o0:o1] += x @ W[:, o0:o1], W (IC, OC)
+                matmul(False, False, M, o1 - o0, m.IC, 1.0, x, m.IC, m.f32 + o0, m.OC, 1.0,
+                       y + o0, m.OC)
+                continue
+            tile = &self.tiles[threadid(), 0]
+            if m.format == FORMAT_BF16:
+                cllm_bf16_to_float(tile, m.bf16 + <Py_ssize_t>o0 * m.IC,
+                                   <Py_ssize_t>(o1 - o0) * m.IC)
+            else:
+                for o in range(o0, o1):
+                    cllm_q8_dequantize_row(tile + <Py_ssize_t>(o - o0) * m.IC,
+                                           m.q8 + <Py_ssize_t>o * m.K,
+                                           m.scale + <Py_ssize_t>o * (m.K // CLLM_QK), m.IC)
+            # y[:, o0:o1] += x @ tile^T, tile (o1 - o0, IC) the rows of W^T
+            matmul(False, True, M, o1 - o0, m.IC, 1.0, x, m.IC, tile, m.IC, 1.0, y + o0, m.OC)
+
+    cdef void embed(self, float *out, int64_t token, int pos) noexcept nogil:
+        """out (C) = the token's row of the table (+ wpe[pos] with learned positions)."""
+        cdef const Matrix *table = &self.w.m[self.w.n - 1]
+        cdef int C = self.d.C
+        if table.format == FORMAT_F32:
+            memcpy(out, table.f32 + token * C, C * sizeof(float))
+        elif table.format == FORMAT_BF16:
+            cllm_bf16_to_float(out, table.bf16 + token * C, C)
+        else:
+            cllm_q8_dequantize_row(out, table.q8 + token * table.K,
+                                   table.scale + token * (table.K // CLLM_QK), C)
+        if not self.d.angular:
+            cllm_row_add(out, self.net.p + self.d.wpe + <Py_ssize_t>pos * C, C)
+
+    cdef void attend(self, int l, const int32_t *seqs, const int32_t *pos, int M) noexcept nogil:
+        """atty = softmax(q k^T / sqrt(hd)) v for every row and head, over the cached
+        positions of the row's sequence that its position attends to (0..pos, or its Ulam
+        neighbours); (row, head) pairs in parallel."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H
-        cdef int h, j, n = pos + 1
+        cdef int i, r, h, j, n
         cdef float scale = 1.0 / sqrtf(hd), mx, inv
         cdef float *s
         cdef float *y
         cdef const float *q
-        cdef const int32_t *key = NULL
-        if self.d.ulam:
-            key = self.d.ulam_keys + self.d.ulam_start[pos]
-            n = self.d.ulam_start[pos + 1] - self.d.ulam_start[pos]
-        for h in prange(H, num_threads=self.threads, schedule="static"):
-            q = &self.qkv[h * hd]
-            s = &self.scores[h, 0]
-            y = &self.atty[h * hd]
+        cdef const float *keys
+        cdef const float *values
+        cdef const int32_t *key
+        for i in prange(M * H, num_threads=self.active_threads, schedule="dynamic"):
+            r = i // H
+            h = i % H
+            n = pos[r] + 1
+            key = NULL
+            if self.d.ulam:
+                key = self.d.ulam_keys + self.d.ulam_start[pos[r]]
+                n = self.d.ulam_start[pos[r] + 1] - self.d.ulam_start[pos[r]]
+            q = &self.qkv[r, h * hd]
+            s = &self.scores[threadid(), 0]
+            y = &self.atty[r, h * hd]
+            keys = &self.k_cache[seqs[r], l, 0, h * hd]
+            values = &self.v_cache[seqs[r], l, 0, h * hd]
             for j in range(n):
-                s[j] = scale * cllm_row_dot(q, &self.k_cache[l, key[j] if key else j, h * hd], hd)
+                s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>(key[j] if key else j) * C, hd)
             mx = cllm_row_max(s, n)
             inv = <float>(1.0 / cllm_row_exp_sum(s, n, mx))
             memset(y, 0, hd * sizeof(float))
             for j in range(n):
-                cllm_row_axpy(y, &self.v_cache[l, key[j] if key else j, h * hd], hd, s[j] * inv)
+                cllm_row_axpy(y, values + <Py_ssize_t>(key[j] if key else j) * C, hd,
+                              s[j] * inv)
 
-    def step(self, int token, int pos):
-        """Logits (V) of the next token after `token` at position `pos`, the cache holding
-        positions 0..pos-1. The returned array is reused by the next step."""
+    cdef void attend_block(self, int l, int seq, int p0, int M) noexcept nogil:
+        """atty for rows at positions p0..p0+M-1 of one sequence with dense attention (a
+        prompt), head by head in parallel, through BLAS: scores S (M, n) = Q_h K_h^T / sqrt(hd)
+        over the n = p0 + M cached positions, each row's softmax over its causal prefix, then
+        Y_h = P V_h."""
+        cdef int C = self.d.C, H = self.d.H, hd = C // H, n = p0 + M
+        cdef int h, r, valid
+        cdef float scale = 1.0 / sqrtf(hd), mx
+        cdef float *S
+        cdef float *row
+        for h in prange(H, num_threads=self.active_threads, schedule="dynamic"):
+            S = &self.scores[threadid(), 0]
+            # S (M, n) = scale * Q_h (M, hd; rows 3C apart) @ K_h^T, K_h (n, hd; rows C apart)
+            matmul(False, True, M, n, hd, scale, &self.qkv[0, h * hd], 3 * C,
+                   &self.k_cache[seq, l, 0, h * hd], C, 0.0, S, n)
+            for r in range(M):
+                row = S + <Py_ssize_t>r * n
+                valid = p0 + r + 1
+                mx = cllm_row_max(row, valid)
+                cllm_row_scale(row, valid, <float>(1.0 / cllm_row_exp_sum(row, valid, mx)))
+                memset(row + valid, 0, (n - valid) * sizeof(float))
+            # Y_h (M, hd; rows C apart) = P (M, n) @ V_h (n, hd; rows C apart)
+            matmul(False, False, M, hd, n, 1.0, S, n, &self.v_cache[seq, l, 0, h * hd], C, 0.0,
+                   &self.atty[0, h * hd], C)
+
+    cdef void run_rows(self, const int64_t *tokens, const int32_t *seqs, const int32_t *pos,
+                       int M, const int32_t *out_rows, int R, float *logits) noexcept nogil:
+        """Rows r < M: token tokens[r] of sequence seqs[r] at position pos[r], the cache of
+        that sequence holding its earlier positions (or getting them from earlier rows of this
+        call). logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, V = d.V, l
+        cdef int C = d.C, F = d.F, l, r
         cdef const Py_ssize_t *o
-        cdef const float *p = &self.params[0]
-        cdef float *x = &self.x[0]
-        cdef float *ln = &self.ln[0]
-        cdef float *qkv = &self.qkv[0]
-        cdef int64_t token64 = token
-        if not (0 <= token < V) or not (0 <= pos < d.n_ctx):
-            raise ValueError(f"token {token} or position {pos} out of range")
-        with nogil:
-            encoder_forward(x, &token64, p + d.wte,
-                            <const float *>NULL if d.angular else p + d.wpe + <Py_ssize_t>pos * C,
-                            1, 1, C)
-            for l in range(d.L):
-                o = d.layer + l * N_LAYER_TENSORS
-                layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN1_W],
-                                  p + o[LN1_B], 1, C)
-                self.matvec(qkv, ln, p + o[QKV_W], p + o[QKV_B], C, 3 * C)
+        cdef const float *p = self.net.p
+        cdef const Matrix *m
+        cdef float *x = &self.x[0, 0]
+        cdef float *ln = &self.ln[0, 0]
+        cdef float *qkv = &self.qkv[0, 0]
+        # rows at consecutive positions of one sequence: a prompt
+        cdef bint block = M > 1
+        for r in range(1, M):
+            block = block and seqs[r] == seqs[0] and pos[r] == pos[0] + r
+        for r in range(M):
+            self.embed(x + r * C, tokens[r], pos[r])
+        for l in range(d.L):
+            o = d.layer + l * N_LAYER_TENSORS
+            m = &self.w.m[l * 4]
+            layernorm_forward(ln, &self.mean[0], &self.rstd[0], x, p + o[LN1_W], p + o[LN1_B],
+                              M, C)
+            self.linear(qkv, ln, M, &m[0])
+            for r in range(M):
                 if d.angular:
-                    rotate_qk(qkv, d.rot_cos + pos * (C // 2), d.rot_sin + pos * (C // 2), C, 1.0)
-                memcpy(&self.k_cache[l, pos, 0], qkv + C, C * sizeof(float))
-                memcpy(&self.v_cache[l, pos, 0], qkv + 2 * C, C * sizeof(float))
-                self.attend_one(l, pos)
-                self.matvec(ln, &self.atty[0], p + o[PROJ_W], p + o[PROJ_B], C, C)
-                cllm_row_add(x, ln, C)
-                layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + o[LN2_W],
-                                  p + o[LN2_B], 1, C)
-                self.matvec(&self.fch[0], ln, p + o[FC_W], p + o[FC_B], C, F)
-                cllm_gelu_forward(&self.fch[0], &self.fch[0], F)
-                self.matvec(ln, &self.fch[0], p + o[FCPROJ_W], p + o[FCPROJ_B], F, C)
-                cllm_row_add(x, ln, C)
-            layernorm_forward(ln, &self.mean_rstd[0], &self.mean_rstd[1], x, p + d.lnf_w,
-                              p + d.lnf_b, 1, C)
-            self.matvec(&self.logits[0], ln, &self.head_t[0, 0], &self.zeros[0], C, V)
-        return np.asarray(self.logits)
+                    rotate_qk(qkv + r * 3 * C, d.rot_cos + pos[r] * (C // 2),
+                              d.rot_sin + pos[r] * (C // 2), C, 1.0)
+                memcpy(&self.k_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + C,
+                       C * sizeof(float))
+                memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
+                       C * sizeof(float))
+            if block and not d.ulam:
+                self.attend_block(l, seqs[0], pos[0], M)
+            else:
+                self.attend(l, seqs, pos, M)
+            self.linear(ln, &self.atty[0, 0], M, &m[1])
+            cllm_row_add(x, ln, <Py_ssize_t>M * C)
+            layernorm_forward(ln, &self.mean[0], &self.rstd[0], x, p + o[LN2_W], p + o[LN2_B],
+                              M, C)
+            self.linear(&self.fch[0, 0], ln, M, &m[2])
+            cllm_gelu_forward(&self.fch[0, 0], &self.fch[0, 0], M * F)
+            self.linear(ln, &self.fch[0, 0], M, &m[3])
+            cllm_row_add(x, ln, <Py_ssize_t>M * C)
+        # the head, for the rows asked only: their final LayerNorm into ln's first R rows
+        for r in range(R):
+            layernorm_forward(ln + r * C, &self.mean[r], &self.rstd[r], x + out_rows[r] * C,
+                              p + d.lnf_w, p + d.lnf_b, 1, C)
+        self.linear(logits, ln, R, &self.w.m[self.w.n - 2])
+
+    def rows(self, const int64_t[::1] tokens, const int32_t[::1] seqs,
+             const int32_t[::1] positions, const int32_t[::1] out_rows, float[:, ::1] logits):
+        """Run M <= MAX_ROWS token rows (see run_rows); logits (R, V) receives the logits
+        after the rows out_rows (R of them, R <= M)."""
+        from .threads import blas_single_threaded
+        cdef int M = tokens.shape[0], R = out_rows.shape[0], r
+        cdef Dims *d = &self.d
+        if not 1 <= M <= MAX_ROWS or seqs.shape[0] != M or positions.shape[0] != M:
+            raise ValueError(f"rows: 1 to {MAX_ROWS} tokens with one sequence and one position "
+                             f"each")
+        if R > M or logits.shape[0] != R or logits.shape[1] != d.V:
+            raise ValueError(f"rows: logits must have shape ({R}, {d.V}), R <= {M}")
+        for r in range(M):
+            if not (0 <= tokens[r] < d.V and 0 <= seqs[r] < self.batch
+                    and 0 <= positions[r] < d.n_ctx):
+                raise ValueError(f"rows: token {tokens[r]}, sequence {seqs[r]} or position "
+                                 f"{positions[r]} out of range")
+        for r in range(R):
+            if not 0 <= out_rows[r] < M:
+                raise ValueError(f"rows: out_rows holds {out_rows[r]}, not a row")
+        if R == 0:
+            return
+        with blas_single_threaded():
+            with nogil:
+                self.run_rows(&tokens[0], &seqs[0], &positions[0], M, &out_rows[0], R,
+                              &logits[0, 0])
+
+    def step(self, int token, int pos, int seq=0):
+        """Logits (V) of the next token after `token` at position `pos` of sequence `seq`,
+        whose cache holds positions 0..pos-1. The returned array is reused by the next call."""
+        self.rows(np.array([token], np.int64), np.array([seq], np.int32),
+                  np.array([pos], np.int32), np.zeros(1, np.int32), self.logits[:1])
+        return np.asarray(self.logits[0])
+
+    def decode(self, tokens, positions):
+        """One step of sequences 0..n-1 together: logits (n, V) after token tokens[i] at
+        position positions[i] of sequence i. The returned array is reused by the next call."""
+        cdef int n = len(tokens)
+        self.rows(np.asarray(tokens, np.int64), np.arange(n, dtype=np.int32),
+                  np.asarray(positions, np.int32), np.arange(n, dtype=np.int32),
+                  self.logits[:n])
+        return np.asarray(self.logits[:n])
+
+    def read(self, ids, int seq=0, bint every=False):
+        """Read the tokens ids into the cache of sequence `seq` from position 0, MAX_ROWS
+        rows at a time: the logits after the last (V), or with `every` after each (T, V)."""
+        ids = np.asarray(ids, np.int64)
+        cdef int T = ids.shape[0], start, n
+        if not 1 <= T <= self.d.n_ctx:
+            raise ValueError(f"read: 1 to {self.d.n_ctx} tokens, got {T}")
+        out = np.empty((T if every else 1, self.d.V), np.float32)
+        for start in range(0, T, MAX_ROWS):
+            n = min(MAX_ROWS, T - start)
+            self.rows(ids[start:start + n], np.full(n, seq, np.int32),
+                      np.arange(start, start + n, dtype=np.int32),
+                      np.arange(n, dtype=np.int32) if every
+                      else np.array([n - 1] if start + n == T else [], np.int32),
+                      out[start:start + n] if every else out[:1 if start + n == T else 0])
+        return out if every else out[0]

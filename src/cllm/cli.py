@@ -1,4 +1,4 @@
-"""The `cllm` command: train, infer, create, import, export and help.
+"""The `cllm` command: train, infer, create, quantize, import, export and help.
 
 Argument errors print one line and exit with 2. Errors in what the user gave (files, data,
 values) print `error: <message>` and exit with 1; Ctrl-C exits with 130. None shows a traceback:
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -21,9 +22,10 @@ from .argtypes import non_negative_float, non_negative_int, positive_int, probab
 from .config import ModelConfig
 from .errors import CllmError, Stopped, UnverifiedFile
 from .interop.commands import add_export_arguments, add_import_arguments, run_export, run_import
+from .quantize import FORMATS as QUANTIZED_FORMATS
 from .settings import DEFAULT_SEED, TrainConfig, add_arguments, check_agrees
 
-COMMANDS = ("train", "infer", "create", "import", "export", "help")
+COMMANDS = ("train", "infer", "create", "quantize", "import", "export", "help")
 INTERRUPTED = 130
 
 
@@ -42,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder, in six phases, with checkpoints to resume from."))
     _add_infer(commands.add_parser("infer", help="generate text with a model",
                                    description="Generate text with a .cllm model, for one "
-                                   "prompt or interactively."))
+                                   "prompt, for a file of prompts or interactively."))
     _add_create(commands.add_parser("create", help="create an untrained model file",
                                     description="Create a .cllm model with freshly "
                                     "initialised weights, to train with cllm train --init-from."))
+    _add_quantize(commands.add_parser(
+        "quantize", help="quantize a model's weights to int8 or bf16 for generation",
+        description="Write a copy of a float32 .cllm model whose matrices are int8 (blocks of "
+                    "32 weights sharing a scale, a quarter of the size) or bf16 (half the "
+                    "size), for cllm infer; it cannot be trained."))
     add_import_arguments(commands.add_parser(
         "import", help="import a Hugging Face GPT-2 model",
         description="Import a Hugging Face GPT-2 checkpoint (a folder, or a model of the local "
@@ -86,6 +93,19 @@ def _add_infer(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--interactive", action="store_true",
                    help="read prompts line by line (after -p, if given) until 'quit' or the "
                         "end of input")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="a UTF-8 file of prompts, one a line (blank lines skipped), generated "
+                        "together; goes without -p and -i")
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, metavar="FILE",
+                   help="the float32 .cllm model")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the quantized model file to write")
+    p.add_argument("--to", required=True, choices=QUANTIZED_FORMATS,
+                   help="int8: 8-bit weights in blocks of 32 with a float32 scale; bf16: "
+                        "bfloat16 weights")
 
 
 def _add_create(p: argparse.ArgumentParser) -> None:
@@ -131,6 +151,34 @@ def _create(args: argparse.Namespace, explicit: set[str]) -> None:
     print(f"train it with: cllm train --init-from {args.output} -d DIR")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from .checkpoint import load_float32_cllm, save_cllm
+    from .quantize import quantize_tensors
+    from .tokenizer import checked_tokenizer, tokenizer_to_json
+
+    source, output = Path(args.model), Path(args.output)
+    if _same_file(source, output):
+        raise CllmError(f"-o {output} is the model itself: write the quantized model to "
+                        f"another file, keeping the float32 one (training needs it)")
+    float_file = load_float32_cllm(source, "quantize")
+    config = float_file.config
+    tokenizer_json = None if float_file.tokenizer_json is None else tokenizer_to_json(
+        checked_tokenizer(float_file.tokenizer_json, config.vocab_size, str(source)))
+    save_cllm(output, quantize_tensors(config, float_file.params, args.to), config,
+              tokenizer_json, weights=args.to)
+    print(f"wrote {output}: {args.to} weights, {output.stat().st_size / 1e6:.2f} MB (the "
+          f"float32 {source}: {source.stat().st_size / 1e6:.2f} MB)")
+    print(f"generate with: cllm infer -m {shlex.quote(str(output))} -p \"Once upon a time\"")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file, through links too."""
+    try:
+        return a.resolve() == b.resolve() or os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): two files
+        return False
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> None:
     if args.command is None:
         parser.error(f"give a command: one of {', '.join(COMMANDS)}")
@@ -141,11 +189,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[s
         from .train import train
         train(args, explicit_flags(argv), argv)
     elif args.command == "infer":
-        if args.prompt is None and not args.interactive:
+        if args.prompts is not None and (args.prompt is not None or args.interactive):
+            _subparser(parser, "infer").error("--prompts gives every prompt: it goes without "
+                                              "-p/--prompt and -i/--interactive")
+        if args.prompt is None and not args.interactive and args.prompts is None:
             _subparser(parser, "infer").error("give a prompt with -p/--prompt, or -i for "
-                                              "interactive mode")
+                                              "interactive mode, or a file of prompts with "
+                                              "--prompts")
         from .infer import infer
         infer(args)
+    elif args.command == "quantize":
+        _quantize(args)
     elif args.command == "import":
         run_import(args)
     elif args.command == "export":

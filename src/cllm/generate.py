@@ -1,11 +1,13 @@
 """Text generation: sampling over the logits of the core's incremental decoder."""
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Iterator
 
 import numpy as np
 
-from .threads import idle_cores, positive_count
+from .threads import positive_count, usable_cores
 from .tokenizer import decode, encode
 
 
@@ -43,43 +45,88 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
     return int(rng.choice(p.size, p=p))
 
 
-def iter_ids(model, ids, max_new_tokens: int = 50, temperature: float = 0.8,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             threads: int | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time after the prompt `ids`.
+class StepThreads:
+    """How many of a decoder's threads its next step runs on. A step synchronises its threads
+    a few dozen times, so it slows to a crawl when another process takes one of their cores:
+    every matrix product then waits for the thread that shares it. Every PROBE_EVERY steps one
+    step runs on one thread fewer (or, after a fall, one more), and the count whose recent
+    steps were faster runs on. The text never depends on the thread count."""
+    PROBE_EVERY = 32
+    KEPT = 3        # step times remembered per count; their median decides
 
-    The key/value cache holds at most n_ctx positions: a longer prompt keeps its last n_ctx
-    tokens, and when generation fills the context the window slides, keeping the last half of
-    it (re-read into a fresh cache) so that every step sees as much recent text as possible
-    without re-reading the whole window per token."""
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.chosen = decoder.most_threads
+        self.times: dict[int, list[float]] = {}
+        self.steps = 0
+
+    def run(self, step, *args):
+        """step(*args) timed on the chosen threads, or on the probed count."""
+        threads = self.chosen
+        if self.decoder.most_threads > 1 and self.steps % self.PROBE_EVERY == 1:
+            threads = self.chosen - 1 if self.chosen > 1 else self.chosen + 1
+        self.decoder.threads = threads
+        start = time.perf_counter()
+        result = step(*args)
+        kept = self.times.setdefault(threads, [])
+        kept.append(time.perf_counter() - start)
+        del kept[:-self.KEPT]
+        self.chosen = min(self.times, key=lambda n: statistics.median(self.times[n]))
+        self.steps += 1
+        return result
+
+
+def _check_prompt(ids, V: int) -> list[int]:
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError("the prompt is empty: generation needs at least one token")
-    V, n_ctx = model.config.vocab_size, model.config.n_ctx
     if min(ids) < 0 or max(ids) >= V:
         raise ValueError(f"prompt ids must lie in [0, {V})")
-    threads = positive_count("threads", threads, idle_cores())
-    rng = np.random.default_rng(seed)
-    decoder = model.core.decoder(threads)
-    window = ids[-n_ctx:]
-    logits = _read(decoder, window)
-    for _ in range(max_new_tokens):
-        token = sample(logits, rng, temperature, top_k, top_p)
-        yield token
-        if len(window) == n_ctx:
-            window = window[n_ctx - n_ctx // 2:]
-            _read(decoder, window)
-        window.append(token)
-        logits = decoder.step(token, len(window) - 1)
+    return ids
 
 
-def _read(decoder, window: list[int]):
-    """Fill a fresh cache with the window from position 0; the logits after its last token."""
-    logits = None
-    for pos, token in enumerate(window):
-        logits = decoder.step(token, pos)
-    return logits
+def iter_batch(model, prompts, max_new_tokens: int = 50, temperature: float = 0.8,
+               top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+               threads: int | None = None) -> Iterator[list[int]]:
+    """Yield, step by step, the new token id of every prompt (lists of ids), all decoded
+    together: each step runs one row per sequence through the model, reading each weight once
+    for all of them. Sequence i samples with the generator seeded `seed + i`, so the first
+    continues exactly as it would alone.
+
+    A prompt is read as one block of rows. The key/value cache holds at most n_ctx positions:
+    a longer prompt keeps its last n_ctx tokens, and when generation fills the context the
+    window slides, keeping the last half of it (re-read into the cache) so that every step
+    sees as much recent text as possible without re-reading the whole window per token."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    V, n_ctx = model.config.vocab_size, model.config.n_ctx
+    windows = [_check_prompt(ids, V)[-n_ctx:] for ids in prompts]
+    if not windows:
+        raise ValueError("no prompt: generation needs at least one")
+    threads = positive_count("threads", threads, usable_cores())
+    rngs = [np.random.default_rng(None if seed is None else seed + i)
+            for i in range(len(windows))]
+    decoder = model.core.decoder(threads, len(windows))
+    step_threads = StepThreads(decoder)
+    logits = np.stack([decoder.read(window, seq) for seq, window in enumerate(windows)])
+    for step in range(max_new_tokens):
+        tokens = [sample(row, rng, temperature, top_k, top_p) for row, rng in zip(logits, rngs)]
+        yield tokens
+        if step == max_new_tokens - 1:
+            return
+        for seq, window in enumerate(windows):
+            if len(window) == n_ctx:
+                del window[:n_ctx - n_ctx // 2]
+                decoder.read(window, seq)
+        for window, token in zip(windows, tokens):
+            window.append(token)
+        logits = step_threads.run(decoder.decode, tokens,
+                                  [len(window) - 1 for window in windows])
+
+
+def iter_ids(model, ids, **kwargs) -> Iterator[int]:
+    """Yield new token ids one at a time after the prompt `ids` (see iter_batch)."""
+    for tokens in iter_batch(model, [ids], **kwargs):
+        yield tokens[0]
 
 
 def iter_text(model, prompt: str, **kwargs) -> Iterator[str]:

@@ -1,4 +1,5 @@
-"""`cllm infer`: text from a .cllm model, for one prompt or as a conversation."""
+"""`cllm infer`: text from a .cllm model, for one prompt, for a file of prompts generated
+together, or as a conversation."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CllmError
+from .checkpoint import all_finite
+from .errors import CllmError, DataError
 from .fileio import atomic_write_text
 from .model import Model
 from .tokenizer import decode, encode
@@ -19,10 +21,11 @@ QUIT = "quit"
 def infer(args: argparse.Namespace) -> None:
     if args.output is not None:
         check_writable(Path(args.output))
+    prompts = None if args.prompts is None else _read_prompts(Path(args.prompts))
     # An interactive session copies the weights: a long-lived mapping of a file that another
     # program rewrites in place would end the session with SIGBUS.
     model = Model.load(args.model, writable=args.interactive)
-    if not _all_finite(model.flat):
+    if not all_finite(model.flat):
         raise CllmError(f"{args.model}: damaged model file (its weights hold values that are "
                         f"not finite, NaN or infinity)")
     if model.tokenizer is None:
@@ -34,6 +37,8 @@ def infer(args: argparse.Namespace) -> None:
     # weights large enough to overflow float32 make NaN logits: one error line (sampling's
     # ValueError), not numpy's warnings besides
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        if prompts is not None:
+            transcript = _generate_batch(model, args.prompts, prompts, args.seed, sampling)
         if args.prompt is not None:
             print(args.prompt, end="", flush=True)
             try:
@@ -48,10 +53,38 @@ def infer(args: argparse.Namespace) -> None:
         atomic_write_text(args.output, transcript)
 
 
-def _all_finite(flat: np.ndarray, block: int = 1 << 20) -> bool:
-    """Whether every weight is a finite number (a file written before files carried digests,
-    or one damaged before its digest was computed, may hold NaN), a block at a time."""
-    return all(np.isfinite(flat[i:i + block]).all() for i in range(0, flat.size, block))
+def _read_prompts(path: Path) -> list[tuple[int, str]]:
+    """The prompts of a file, one a line: (line number, text) of each line that is not blank."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: the prompts file is not UTF-8 text ({e.reason} at byte "
+                        f"{e.start})") from e
+    lines = (line.removesuffix("\r") for line in text.split("\n"))
+    prompts = [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+    if not prompts:
+        raise DataError(f"{path}: the prompts file holds no prompt (one a line; blank lines "
+                        f"are skipped)")
+    return prompts
+
+
+def _generate_batch(model: Model, path: str, prompts: list[tuple[int, str]], seed: int | None,
+                    sampling: dict) -> str:
+    """Generate after every prompt together, print each prompt with its text under a line
+    naming it, and return what was printed."""
+    for number, prompt in prompts:
+        try:
+            encode(model.tokenizer, prompt)
+        except DataError as e:  # say which prompt, before generating any
+            raise DataError(f"{path}, line {number}: {e}") from e
+    try:
+        texts = model.generate([prompt for _, prompt in prompts], seed=seed, **sampling)
+    except ValueError as e:
+        raise CllmError(f"{path}: cannot generate from the prompts: {e}") from e
+    printed = "".join(f"--- prompt {i} ---\n{prompt}{text}\n"
+                      for i, ((_, prompt), text) in enumerate(zip(prompts, texts), 1))
+    print(printed, end="", flush=True)
+    return printed
 
 
 def check_writable(path: Path) -> None:

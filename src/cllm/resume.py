@@ -26,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import checkpoint_path, list_checkpoints, load_cllm, prune_checkpoints, save_cllm
+from .checkpoint import (checkpoint_path, list_checkpoints, load_float32_cllm, prune_checkpoints,
+                         save_cllm)
 from .errors import CheckpointError, CllmError
 from .model import Model
 from .optim import AdamW
@@ -91,7 +92,7 @@ def newest_checkpoint(folder: str | os.PathLike) -> Checkpoint:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    f = load_cllm(path)
+    f = load_float32_cllm(path, "train from")
     training = f.training
     if f.optimizer is None or not isinstance(training, dict) or f.tokenizer_json is None:
         raise CheckpointError(f"{path}: not a training checkpoint (a model file without the "

@@ -1,4 +1,4 @@
-"""How many threads: the usable cores, the idle ones, and BLAS held to one thread."""
+"""How many threads: the usable cores, and BLAS held to one thread."""
 from __future__ import annotations
 
 import os
@@ -11,18 +11,6 @@ _blas_controller = None
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
-
-
-def idle_cores() -> int:
-    """The usable cores not busy with other work (by the 1-minute load average), at least one.
-
-    Generating a token synchronises the threads a few dozen times; a thread that shares its
-    core with another process waits for the scheduler at each of those points, which makes
-    two threads on one busy core hundreds of times slower than one thread. The decoder's
-    result does not depend on the thread count (its sums are cut into fixed blocks), so this
-    choice never changes the text."""
-    usable = usable_cores()
-    return max(1, min(usable, round(usable - os.getloadavg()[0])))
 
 
 def blas_single_threaded():

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .architecture import DERIVED_IN_TRAINING, check_architecture, chosen_architecture
-from .checkpoint import list_checkpoints
+from .checkpoint import list_checkpoints, load_float32_cllm
 from .config import ModelConfig
 from .data import (build_dataset, corpus_change, corpus_record, find_text_files, iter_texts,
                    iter_windows_sequential, open_dataset, sample_windows, split_train_val)
@@ -111,7 +111,8 @@ def _phases(run: TrainConfig, architecture: dict, explicit: set[str], out: Path,
         _refuse_earlier_run(out)
         check_architecture(architecture)
         if run.init_from:
-            initial = Model.load(run.init_from, writable=True)
+            initial = Model.from_file(load_float32_cllm(run.init_from, "train from"),
+                                      run.init_from, writable=True)
             run = _take_architecture(run, architecture, explicit, initial)
     run = _resolve(run)
 

@@ -45,12 +45,13 @@ def run_import(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
+    from ..checkpoint import load_float32_cllm
     from ..model import Model
 
     if args.to == "hf" and args.type is not None:
         raise CllmError("--type chooses the tensor type of a GGUF file: it applies to "
                         "--to gguf only")
-    model = Model.load(args.model)
+    model = Model.from_file(load_float32_cllm(args.model, "export"), args.model)
     out = shlex.quote(args.output)
     if args.to == "hf":
         from .hf_export import REMOTE_FILES, export_hf, is_gpt2

@@ -29,10 +29,12 @@ ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 
             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 # The dtypes whose values float32 holds exactly or to float32 rounding (F64).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-_NUMPY = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
-          "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
-          "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
-_CODE = {np.dtype(dtype): code for code, dtype in _NUMPY.items() if code != "BF16"}
+# The numpy dtype that holds each readable dtype's values (BF16: its bits).
+NUMPY_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+                "BF16": np.dtype("<u2"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8"),
+                "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?")}
+# A uint16 array is BF16 only when the writer says so (it has no U16).
+_CODE = {np.dtype(dtype): code for code, dtype in NUMPY_DTYPES.items() if code != "BF16"}
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class TensorFile:
         if entry.dtype not in FLOAT_DTYPES:
             raise InteropError(f"{self.path}: tensor {name!r} holds {entry.dtype}, not "
                                f"floating-point numbers ({', '.join(FLOAT_DTYPES)})")
-        raw = np.frombuffer(self._map, dtype=_NUMPY[entry.dtype],
+        raw = np.frombuffer(self._map, dtype=NUMPY_DTYPES[entry.dtype],
                             count=entry.nbytes // ITEMSIZE[entry.dtype],
                             offset=entry.begin).reshape(entry.shape)
         if entry.dtype == "BF16":
@@ -128,25 +130,33 @@ def _index_list(value) -> bool:
         isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
-def safetensors_header(tensors: list[tuple[str, np.ndarray]],
-                       metadata: dict[str, str] | None = None) -> dict:
-    """The header of a safetensors file holding the named arrays back to back, in order."""
+def safetensors_header(tensors: list[tuple], metadata: dict[str, str] | None = None) -> dict:
+    """The header of a safetensors file holding the named arrays back to back, in order. Each
+    entry is (name, array), of a dtype that says its code, or (name, array, code): ("BF16",
+    bfloat16 bits as uint16)."""
     header: dict = {} if metadata is None else {"__metadata__": metadata}
     offset = 0
-    for name, array in tensors:
-        if array.dtype.newbyteorder("<") not in _CODE:
-            raise ValueError(f"tensor {name}: dtype {array.dtype} cannot be written")
-        header[name] = {"dtype": _CODE[array.dtype.newbyteorder("<")],
-                        "shape": list(array.shape),
+    for name, array, *code in tensors:
+        header[name] = {"dtype": _dtype_code(name, array, *code), "shape": list(array.shape),
                         "data_offsets": [offset, offset + array.nbytes]}
         offset += array.nbytes
     return header
 
 
-def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, np.ndarray]],
+def _dtype_code(name: str, array: np.ndarray, code: str | None = None) -> str:
+    dtype = array.dtype.newbyteorder("<")
+    if code is None:
+        code = _CODE.get(dtype)
+    if code is None or NUMPY_DTYPES.get(code) != dtype:
+        raise ValueError(f"tensor {name}: dtype {array.dtype} cannot be written"
+                         + ("" if code is None else f" as {code}"))
+    return code
+
+
+def write_safetensors(path: str | os.PathLike, tensors: list[tuple],
                       metadata: dict[str, str] | None = None) -> None:
-    """Write the named arrays (F16, F32, F64, I32, I64, U8 or BOOL) as a safetensors file,
-    atomically, in the order given."""
+    """Write the named arrays (F16, F32, F64, I8, I32, I64, U8 or BOOL, or BF16 when the entry
+    says so: see safetensors_header) as a safetensors file, atomically, in the order given."""
     header = safetensors_header(tensors, metadata)
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     # Spaces, as the safetensors library pads, so that tensor data starts 8-aligned.
@@ -154,6 +164,6 @@ def write_safetensors(path: str | os.PathLike, tensors: list[tuple[str, np.ndarr
     with atomic_writer(path) as f:
         f.write(_LENGTH.pack(len(header_bytes)))
         f.write(header_bytes)
-        for _, array in tensors:
+        for _, array, *_ in tensors:
             # one tensor at a time made contiguous little-endian: never the whole file in memory
             f.write(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).data)

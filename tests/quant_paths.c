@@ -1,0 +1,88 @@
+/* The kernels of quant.h on fixed pseudo-random inputs, every output written to stdout.
+ * tests/test_quant.py compiles this once for each instruction-set path (plain C, AVX2,
+ * AVX-VNNI, AVX-512 VNNI) and requires the same bytes from every path it can run. It also
+ * checks here that a product computed over pieces of the output range gives the same bits as
+ * one call over the whole range, and exits with 1 if not. */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "quant.h"
+
+static uint32_t state = 12345u;
+
+/* uniform in [-2, 2), a multiple of 2^-22 */
+static float uniform(void) {
+    state = state * 1664525u + 1013904223u;
+    return (float)((int32_t)(state >> 8) - (1 << 23)) / (float)(1 << 22);
+}
+
+static float *filled(long n, float magnitude) {
+    float *p = malloc((n ? n : 1) * sizeof(float));
+    for (long i = 0; i < n; i++) p[i] = magnitude * uniform();
+    return p;
+}
+
+static void put(const void *p, long bytes) { fwrite(p, 1, (size_t)bytes, stdout); }
+
+/* Whether y (M, OC), computed in one call, equals the product computed over output pieces of
+ * `piece` rows into z: q8 when wq is set, else bf16. */
+static int same_by_pieces(const float *y, float *z, int piece, const float *bias, const int8_t *xq,
+                          const float *xs, const float *x, int M, const int8_t *wq,
+                          const float *ws, const uint16_t *wb, int IC, int K, int OC) {
+    for (int o = 0; o < OC; o += piece) {
+        int o1 = o + piece < OC ? o + piece : OC;
+        if (wq)
+            cllm_q8_matmul(z, OC, bias, xq, xs, M, wq, ws, K, o, o1);
+        else
+            cllm_bf16_matmul(z, OC, bias, x, M, IC, wb, o, o1);
+    }
+    return memcmp(y, z, (size_t)M * OC * sizeof(float)) == 0;
+}
+
+int main(void) {
+    static const int Ms[] = {1, 3, 9}, ICs[] = {1, 31, 33, 100, 384}, OCs[] = {1, 5, 13, 37};
+    for (int a = 0; a < 3; a++)
+        for (int b = 0; b < 5; b++)
+            for (int c = 0; c < 4; c++) {
+                int M = Ms[a], IC = ICs[b], OC = OCs[c], K = (IC + 31) / 32 * 32, nb = K / 32;
+                float *x = filled((long)M * IC, 3.0f), *w = filled((long)OC * IC, 0.1f);
+                float *bias = filled(OC, 1.0f);
+                int8_t *xq = malloc((long)M * K), *wq = malloc((long)OC * K);
+                float *xs = malloc((long)M * nb * sizeof(float));
+                float *ws = malloc((long)OC * nb * sizeof(float));
+                float *y = malloc((long)M * OC * sizeof(float)), *wf = malloc(IC * sizeof(float));
+                float *z = malloc((long)M * OC * sizeof(float));
+                uint16_t *wb = malloc((long)OC * IC * sizeof(uint16_t));
+                cllm_q8_quantize_rows(xq, xs, x, M, IC, K);
+                cllm_q8_quantize_rows(wq, ws, w, OC, IC, K);
+                put(xq, (long)M * K);
+                put(xs, (long)M * nb * sizeof(float));
+                put(wq, (long)OC * K);
+                put(ws, (long)OC * nb * sizeof(float));
+                for (int with_bias = 0; with_bias < 2; with_bias++) {
+                    cllm_q8_matmul(y, OC, with_bias ? bias : NULL, xq, xs, M, wq, ws, K, 0, OC);
+                    put(y, (long)M * OC * sizeof(float));
+                    for (int piece = 1; piece <= 7; piece += 3)
+                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M, wq,
+                                            ws, NULL, IC, K, OC))
+                            return fprintf(stderr, "q8 by pieces of %d differs\n", piece), 1;
+                }
+                cllm_bf16_round(wb, w, (long)OC * IC);
+                put(wb, (long)OC * IC * sizeof(uint16_t));
+                for (int with_bias = 0; with_bias < 2; with_bias++) {
+                    cllm_bf16_matmul(y, OC, with_bias ? bias : NULL, x, M, IC, wb, 0, OC);
+                    put(y, (long)M * OC * sizeof(float));
+                    for (int piece = 1; piece <= 7; piece += 3)
+                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M,
+                                            NULL, ws, wb, IC, K, OC))
+                            return fprintf(stderr, "bf16 by pieces of %d differs\n", piece), 1;
+                }
+                cllm_q8_dequantize_row(wf, wq + (long)(OC - 1) * K, ws + (long)(OC - 1) * nb, IC);
+                put(wf, IC * sizeof(float));
+                cllm_bf16_to_float(wf, wb, IC);
+                put(wf, IC * sizeof(float));
+                free(x), free(w), free(bias), free(xq), free(wq), free(xs), free(ws), free(y);
+                free(z), free(wf), free(wb);
+            }
+    return 0;
+}
