@@ -1466,6 +1466,7 @@ cdef enum:
     # the weights of a tile go to float32 (for bf16 and int8) and through single-threaded BLAS.
     TILE = 64
     MAX_ROWS = 256       # most token rows one decoder call runs (a longer prompt goes in blocks)
+    FEW_ROWS = 16        # the most rows a product reads its weights for directly (see linear)
 
 # The formats of Weights, in FORMAT_* order.
 WEIGHT_FORMATS = ("float32", "bf16", "int8")
@@ -1631,18 +1632,20 @@ cdef class Decoder:
             cllm_row_add(out, &self.partial[blk, 0], OC)
 
     cdef void linear(self, float *y, const float *x, int M, const Matrix *m) noexcept nogil:
-        """y (M, OC) = x (M, IC) @ W + bias. One row reads each weight once, in its own format
-        (bound by memory); several rows (a prompt, a batch) are bound by arithmetic: tiles of
-        TILE output rows, their weights in float32, go through BLAS, the threads taking tiles
-        as they come free (a thread that shares its core with another process then holds up
-        one tile, not a fixed share of the work)."""
-        cdef int blk, o0, o1, r, o
+        """y (M, OC) = x (M, IC) @ W + bias. Up to FEW_ROWS rows (a step, a batch) are bound
+        by reading the weights: each is read once for all rows, in its own format (one
+        float32 row through the streaming matvec). More rows (a prompt) are bound by
+        arithmetic: tiles of at most TILE output rows, their weights in float32, go through
+        BLAS. Outputs are cut into blocks that the threads take as they come free (a thread
+        that shares its core with another process then holds up one block, not a fixed share
+        of the work); where they are cut depends on M and the matrix alone."""
+        cdef int blk, blocks, o0, o1, r, o
         cdef float *tile
-        if M == 1:
-            if m.format == FORMAT_F32:
-                self.matvec(y, x, m)
-            else:
-                quantized_product(y, x, 1, m, &self.xq[0], &self.xs[0], self.active_threads)
+        if m.format == FORMAT_F32 and M == 1:
+            self.matvec(y, x, m)
+            return
+        if m.format != FORMAT_F32 and M <= FEW_ROWS:
+            quantized_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
             return
         for r in range(M):
             if m.bias != NULL:
@@ -1657,10 +1660,11 @@ cdef class Decoder:
                                        &self.xq[<Py_ssize_t>r * m.K],
                                        &self.xs[r * (m.K // CLLM_QK)], m.IC)
             x = &self.x_int8[0]
-        for blk in prange((m.OC + TILE - 1) // TILE, num_threads=self.active_threads,
-                          schedule="dynamic"):
-            o0 = blk * TILE
-            o1 = min(o0 + TILE, m.OC)
+        # few float32 rows: BLAS calls as large as the threads allow
+        blocks = LINEAR_BLOCKS if M <= FEW_ROWS else (m.OC + TILE - 1) // TILE
+        for blk in prange(blocks, num_threads=self.active_threads, schedule="dynamic"):
+            o0 = m.OC * blk // blocks
+            o1 = m.OC * (blk + 1) // blocks
             if m.format == FORMAT_F32:
                 # y[:, o0:o1] += x @ W[:, o0:o1], W (IC, OC)
                 matmul(False, False, M, o1 - o0, m.IC, 1.0, x, m.IC, m.f32 + o0, m.OC, 1.0,
