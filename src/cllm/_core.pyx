@@ -57,6 +57,8 @@ cdef extern from "quant.h" nogil:
     void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq, const float *xs,
                         int M, const int8_t *wq, const float *ws, int K, int o0, int o1)
     void cllm_bf16_round(uint16_t *out, const float *x, long n)
+    void cllm_f32_matmul(float *y, long ldy, const float *bias, const float *x, int M, int IC,
+                         const float *w, int o0, int o1)
     void cllm_bf16_matmul(float *y, long ldy, const float *bias, const float *x, int M, int IC,
                           const uint16_t *w, int o0, int o1)
     void cllm_q8_dequantize_row(float *out, const int8_t *q, const float *scale, int IC)
@@ -1103,7 +1105,7 @@ cdef class Transformer:
             weights = Weights(self, "float32",
                               [views[f"h.{l}.{name}"] for l in range(self.d.L)
                                for name in DECODER_MATRICES]
-                              + [np.ascontiguousarray(head.T), views["wte"]])
+                              + [head, views["wte"]])
         return Decoder(self, weights, batch, threads)
 
 
@@ -1309,6 +1311,7 @@ cdef struct Matrix:
     int format, IC, OC
     int K                     # int8: IC rounded up to a multiple of CLLM_QK
     const float *f32          # float32: (IC, OC), the training layout
+    const float *f32_rows     # float32 rows by output, (OC, IC): the head as it is stored
     const uint16_t *bf16      # bf16: (OC, IC), rows by output
     const int8_t *q8          # int8: (OC, K), rows by output
     const float *scale        # int8: (OC, K / CLLM_QK), one scale per block of CLLM_QK weights
@@ -1328,22 +1331,24 @@ cdef inline int q8_width(int IC) noexcept nogil:
     return (IC + CLLM_QK - 1) // CLLM_QK * CLLM_QK
 
 
-cdef void quantized_product(float *y, const float *x, int M, const Matrix *m, int8_t *xq,
-                           float *xs, int threads) noexcept nogil:
-    """y (M, OC) = x (M, IC) @ W.T + bias for a bf16 or int8 W; for int8, x is first quantized
-    into xq (M, K), xs (M, K / 32). The outputs are cut into LINEAR_BLOCKS blocks that the
-    threads take as they come free (a thread that shares its core with another process then
-    holds up one block, not a fixed share of the work)."""
-    cdef int c
+cdef void rows_product(float *y, const float *x, int M, const Matrix *m, int8_t *xq,
+                      float *xs, int threads) noexcept nogil:
+    """y (M, OC) = x (M, IC) @ W.T + bias for W stored rows by output (int8, bf16 or float32
+    rows); for int8, x is first quantized into xq (M, K), xs (M, K / 32). The outputs are cut
+    into LINEAR_BLOCKS blocks that the threads take as they come free (a thread that shares
+    its core with another process then holds up one block, not a fixed share of the work)."""
+    cdef int c, o0, o1
     if m.format == FORMAT_INT8:
         cllm_q8_quantize_rows(xq, xs, x, M, m.IC, m.K)
     for c in prange(LINEAR_BLOCKS, num_threads=threads, schedule="dynamic"):
+        o0 = m.OC * c // LINEAR_BLOCKS
+        o1 = m.OC * (c + 1) // LINEAR_BLOCKS
         if m.format == FORMAT_INT8:
-            cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K,
-                           m.OC * c // LINEAR_BLOCKS, m.OC * (c + 1) // LINEAR_BLOCKS)
+            cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K, o0, o1)
+        elif m.format == FORMAT_BF16:
+            cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, o0, o1)
         else:
-            cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, m.OC * c // LINEAR_BLOCKS,
-                             m.OC * (c + 1) // LINEAR_BLOCKS)
+            cllm_f32_matmul(y, m.OC, m.bias, x, M, m.IC, m.f32_rows, o0, o1)
 
 
 def quantize_q8(const float[:, ::1] x):
@@ -1409,7 +1414,7 @@ def q8_linear(const float[:, ::1] x, const int8_t[:, ::1] q, const float[:, ::1]
     if bias is not None:
         m.bias = &bias[0]
     with nogil:
-        quantized_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], threads)
+        rows_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], threads)
     return y
 
 
@@ -1451,7 +1456,7 @@ def bf16_linear(const float[:, ::1] x, const uint16_t[:, ::1] w, const float[::1
     if bias is not None:
         m.bias = &bias[0]
     with nogil:
-        quantized_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, threads)
+        rows_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, threads)
     return y
 
 
@@ -1464,10 +1469,12 @@ cdef enum:
     MATVEC_BLOCKS = 4
     # Output rows (columns of a float32 matrix) per unit of work of a product of several rows:
     # the weights of a tile go to float32 (for bf16 and int8) and through single-threaded BLAS.
-    TILE = 64
+    TILE = 128
     MAX_ROWS = 256       # most token rows one decoder call runs (a longer prompt goes in blocks)
     FEW_ROWS = 16        # the most rows a product reads its weights for directly (see linear)
 
+# int8 weights and activations come in blocks of this many sharing one scale.
+Q8_BLOCK = CLLM_QK
 # The formats of Weights, in FORMAT_* order.
 WEIGHT_FORMATS = ("float32", "bf16", "int8")
 # The matrices of a layer that generation reads, in the order of a Weights list.
@@ -1477,10 +1484,10 @@ DECODER_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight
 
 cdef class Weights:
     """The matrices generation reads, all in one format: for each layer those of
-    DECODER_MATRICES, then the head, then the token table. float32 matrices are the training
-    layout (IC, OC) (the head given transposed, (C, V)); bf16 (uint16 bits) and int8 (a
-    (q, scale) pair) ones are rows by output, (OC, IC), so that a thread reads whole rows and
-    every output is one dot product. The token table is read by rows, (V, C), in every format.
+    DECODER_MATRICES, then the head, then the token table. float32 layer matrices are the
+    training layout (IC, OC); the head (V, C) and bf16 (uint16 bits) and int8 (a (q, scale)
+    pair) matrices are rows by output, (OC, IC), so that a thread reads whole rows and every
+    output is one dot product. The token table is read by rows, (V, C), in every format.
     The small tensors (LayerNorms, biases, wpe) are the Transformer's float32 ones."""
     cdef readonly str format
     cdef int fmt, n
@@ -1512,14 +1519,11 @@ cdef class Weights:
             o = d.layer + l * N_LAYER_TENSORS
             for k, (IC, OC, bias) in enumerate(shapes):
                 self.set(l * 4 + k, matrices[l * 4 + k], IC, OC, net.p + o[bias])
-        self.set(self.n - 2, matrices[self.n - 2], C, V, NULL)
-        # the token table is read by rows: (V, C) as an int8 or bf16 matrix of IC = C
-        if self.fmt == FORMAT_F32:
-            self.set(self.n - 1, matrices[self.n - 1], V, C, NULL)
-        else:
-            self.set(self.n - 1, matrices[self.n - 1], C, V, NULL)
+        # the head and the token table, (V, C): rows by output in every format
+        self.set(self.n - 2, matrices[self.n - 2], C, V, NULL, True)
+        self.set(self.n - 1, matrices[self.n - 1], C, V, NULL, True)
 
-    cdef set(self, int i, entry, int IC, int OC, const float *bias):
+    cdef set(self, int i, entry, int IC, int OC, const float *bias, bint rows=False):
         cdef Matrix *m = &self.m[i]
         cdef const float[:, ::1] f
         cdef const uint16_t[:, ::1] h
@@ -1530,8 +1534,12 @@ cdef class Weights:
         m.K = q8_width(IC)
         if self.fmt == FORMAT_F32:
             f = entry
-            expected, got = ((IC, OC),), ((f.shape[0], f.shape[1]),)
-            m.f32 = &f[0, 0]
+            expected = ((OC, IC),) if rows else ((IC, OC),)
+            got = ((f.shape[0], f.shape[1]),)
+            if rows:
+                m.f32_rows = &f[0, 0]
+            else:
+                m.f32 = &f[0, 0]
         elif self.fmt == FORMAT_BF16:
             h = entry
             expected, got = ((OC, IC),), ((h.shape[0], h.shape[1]),)
@@ -1641,11 +1649,11 @@ cdef class Decoder:
         of the work); where they are cut depends on M and the matrix alone."""
         cdef int blk, blocks, o0, o1, r, o
         cdef float *tile
-        if m.format == FORMAT_F32 and M == 1:
+        if m.f32 != NULL and M == 1:
             self.matvec(y, x, m)
             return
-        if m.format != FORMAT_F32 and M <= FEW_ROWS:
-            quantized_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
+        if m.f32 == NULL and M <= FEW_ROWS:
+            rows_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
             return
         for r in range(M):
             if m.bias != NULL:
@@ -1665,10 +1673,15 @@ cdef class Decoder:
         for blk in prange(blocks, num_threads=self.active_threads, schedule="dynamic"):
             o0 = m.OC * blk // blocks
             o1 = m.OC * (blk + 1) // blocks
-            if m.format == FORMAT_F32:
+            if m.f32 != NULL:
                 # y[:, o0:o1] += x @ W[:, o0:o1], W (IC, OC)
                 matmul(False, False, M, o1 - o0, m.IC, 1.0, x, m.IC, m.f32 + o0, m.OC, 1.0,
                        y + o0, m.OC)
+                continue
+            if m.f32_rows != NULL:
+                # y[:, o0:o1] += x @ W[o0:o1]^T, W (OC, IC)
+                matmul(False, True, M, o1 - o0, m.IC, 1.0, x, m.IC,
+                       m.f32_rows + <Py_ssize_t>o0 * m.IC, m.IC, 1.0, y + o0, m.OC)
                 continue
             tile = &self.tiles[threadid(), 0]
             if m.format == FORMAT_BF16:
@@ -1687,7 +1700,7 @@ cdef class Decoder:
         cdef const Matrix *table = &self.w.m[self.w.n - 1]
         cdef int C = self.d.C
         if table.format == FORMAT_F32:
-            memcpy(out, table.f32 + token * C, C * sizeof(float))
+            memcpy(out, table.f32_rows + token * C, C * sizeof(float))
         elif table.format == FORMAT_BF16:
             cllm_bf16_to_float(out, table.bf16 + token * C, C)
         else:

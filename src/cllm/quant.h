@@ -98,6 +98,11 @@ CLLM_INLINE cllm_f8 cllm_bf16_block(cllm_f8 acc, const float *x, const uint16_t 
     return _mm256_fmadd_ps(_mm256_loadu_ps(x), wf, acc);
 }
 
+/* acc + x[0:8] * w[0:8] */
+CLLM_INLINE cllm_f8 cllm_f32_block(cllm_f8 acc, const float *x, const float *w) {
+    return _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(w), acc);
+}
+
 /* out[r] = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) of a[r], for 4 rows at once. */
 CLLM_INLINE void cllm_f8_sum4(float out[4], const cllm_f8 a[4]) {
     __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -124,6 +129,11 @@ CLLM_INLINE cllm_f8 cllm_q8_block(cllm_f8 acc, float d, const int8_t *w, const i
 
 CLLM_INLINE cllm_f8 cllm_bf16_block(cllm_f8 acc, const float *x, const uint16_t *w) {
     for (int j = 0; j < 8; j++) acc.l[j] = fmaf(x[j], cllm_bf16_to_f32(w[j]), acc.l[j]);
+    return acc;
+}
+
+CLLM_INLINE cllm_f8 cllm_f32_block(cllm_f8 acc, const float *x, const float *w) {
+    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(x[j], w[j], acc.l[j]);
     return acc;
 }
 
@@ -159,34 +169,45 @@ CLLM_INLINE void cllm_q8_rows(float *y, const float *bias, long step, const int8
     cllm_store_rows(y, bias, step, acc, R);
 }
 
-/* The same for bf16 rows of IC elements. The last IC mod 8 go through zero-padded copies,
- * whose products add +0 to the lanes, the same on every path. */
-CLLM_INLINE void cllm_bf16_rows(float *y, const float *bias, long step, const float *x,
-                                const uint16_t *w, int IC, int R) {
+/* The same for bf16 rows (wb) or float32 rows (wf, when not NULL) of IC elements. The last
+ * IC mod 8 go through zero-padded copies, whose products add +0 to the lanes, the same on
+ * every path. */
+CLLM_INLINE void cllm_float_rows(float *y, const float *bias, long step, const float *x,
+                                 const uint16_t *wb, const float *wf, int IC, int R) {
     cllm_f8 acc[CLLM_ROWS];
     for (int r = 0; r < CLLM_ROWS; r++) acc[r] = cllm_f8_zero();
     int i = 0;
     for (; i + 8 <= IC; i += 8)
-        for (int r = 0; r < R; r++) acc[r] = cllm_bf16_block(acc[r], x + i, w + r * step * IC + i);
+        for (int r = 0; r < R; r++)
+            acc[r] = wf ? cllm_f32_block(acc[r], x + i, wf + r * step * IC + i)
+                        : cllm_bf16_block(acc[r], x + i, wb + r * step * IC + i);
     if (i < IC) {
         float xt[8] = {0.0f};
         memcpy(xt, x + i, (IC - i) * sizeof(float));
         for (int r = 0; r < R; r++) {
-            uint16_t wt[8] = {0};
-            memcpy(wt, w + r * step * IC + i, (IC - i) * sizeof(uint16_t));
-            acc[r] = cllm_bf16_block(acc[r], xt, wt);
+            uint16_t bt[8] = {0};
+            float ft[8] = {0.0f};
+            if (wf) {
+                memcpy(ft, wf + r * step * IC + i, (IC - i) * sizeof(float));
+                acc[r] = cllm_f32_block(acc[r], xt, ft);
+            } else {
+                memcpy(bt, wb + r * step * IC + i, (IC - i) * sizeof(uint16_t));
+                acc[r] = cllm_bf16_block(acc[r], xt, bt);
+            }
         }
     }
     cllm_store_rows(y, bias, step, acc, R);
 }
 
-/* The operands of a product: Q8 weights and activations when q8 is set, else bf16 ones. */
+/* The operands of a product: Q8 weights and activations when q8 is set, else bf16 weights (w)
+ * or float32 ones (wf) and float32 activations. */
 typedef struct {
     int q8;
     const int8_t *wq, *xq;
     const float *ws, *xs;
     int K;
     const uint16_t *w;
+    const float *wf;
     const float *x;
     int IC;
 } cllm_operands;
@@ -201,7 +222,9 @@ CLLM_INLINE void cllm_group(const cllm_operands *p, float *y, long ldy, const fl
         cllm_q8_rows(ym, b, step, p->xq + (long)m * p->K, p->xs + (long)m * nb,
                      p->wq + (long)o * p->K, p->ws + (long)o * nb, nb, R);
     } else {
-        cllm_bf16_rows(ym, b, step, p->x + (long)m * p->IC, p->w + (long)o * p->IC, p->IC, R);
+        cllm_float_rows(ym, b, step, p->x + (long)m * p->IC,
+                        p->w ? p->w + (long)o * p->IC : NULL,
+                        p->wf ? p->wf + (long)o * p->IC : NULL, p->IC, R);
     }
 }
 
@@ -235,14 +258,22 @@ CLLM_INLINE void cllm_matmul_rows(const cllm_operands *p, float *y, long ldy, co
 CLLM_NOINLINE void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq,
                                   const float *xs, int M, const int8_t *wq, const float *ws,
                                   int K, int o0, int o1) {
-    cllm_operands p = {1, wq, xq, ws, xs, K, NULL, NULL, 0};
+    cllm_operands p = {1, wq, xq, ws, xs, K, NULL, NULL, NULL, 0};
     cllm_matmul_rows(&p, y, ldy, bias, M, o0, o1);
 }
 
 /* y[m * ldy + o] = bias[o] + sum_i x[m, i] * float(w[o, i]), o in [o0, o1), m in [0, M) */
 CLLM_NOINLINE void cllm_bf16_matmul(float *y, long ldy, const float *bias, const float *x,
                                     int M, int IC, const uint16_t *w, int o0, int o1) {
-    cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, w, x, IC};
+    cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, w, NULL, x, IC};
+    cllm_matmul_rows(&p, y, ldy, bias, M, o0, o1);
+}
+
+/* The same with float32 weights w (OC, IC): the output head, (V, C) rows by output as it is
+ * stored, read without a transposed copy. */
+CLLM_NOINLINE void cllm_f32_matmul(float *y, long ldy, const float *bias, const float *x,
+                                   int M, int IC, const float *w, int o0, int o1) {
+    cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, NULL, w, x, IC};
     cllm_matmul_rows(&p, y, ldy, bias, M, o0, o1);
 }
 
@@ -284,7 +315,12 @@ static inline void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x
 
 /* One row (IC values) back to float32: the embedding of a token from a Q8 table. */
 static inline void cllm_q8_dequantize_row(float *out, const int8_t *q, const float *scale, int IC) {
-    for (int i = 0; i < IC; i++) out[i] = scale[i / CLLM_QK] * (float)q[i];
+    for (int b = 0; b * CLLM_QK < IC; b++) {
+        int n = IC - b * CLLM_QK < CLLM_QK ? IC - b * CLLM_QK : CLLM_QK;
+        float s = scale[b];
+        #pragma omp simd
+        for (int j = 0; j < n; j++) out[b * CLLM_QK + j] = s * (float)q[b * CLLM_QK + j];
+    }
 }
 
 /* float32 -> bf16 bits, rounded to nearest even by adding 0x7fff plus the kept lowest bit

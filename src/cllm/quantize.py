@@ -6,8 +6,8 @@ The quantized matrices are the four of each layer that generation reads
 Each is stored rows by output, (OC, IC), so that a thread of the core reads whole rows: the
 layer matrices, (IC, OC) in the model (Hugging Face's Conv1D layout), are transposed; wte and
 lm_head.weight, (V, C), already are. A bf16 matrix is `<name>.bf16`, the bfloat16 bits (BF16);
-an int8 one is `<name>.q8` (I8, each row zero-padded to K, a multiple of Q8_BLOCK) and
-`<name>.q8_scale` (F32, one scale per block of Q8_BLOCK weights, like llama.cpp's Q8_0).
+an int8 one is `<name>.q8` (I8, each row zero-padded to K, a multiple of _core.Q8_BLOCK)
+and `<name>.q8_scale` (F32, one scale per block of Q8_BLOCK weights, like llama.cpp's Q8_0).
 Every other tensor (LayerNorms, biases, wpe) stays float32 under its own name.
 
 The quantizers are the core's (quantize_q8, bf16_round), the same code generation runs."""
@@ -19,8 +19,6 @@ from . import _core
 from .config import ModelConfig
 
 FORMATS = ("bf16", "int8")
-# The core's QK: int8 weights come in blocks of this many sharing one scale.
-Q8_BLOCK = 32
 
 
 def quantized_tensor_specs(config: ModelConfig,
@@ -40,9 +38,9 @@ def quantized_tensor_specs(config: ModelConfig,
         if weights == "bf16":
             specs[f"{name}.bf16"] = ("BF16", (OC, IC))
         else:
-            K = -(-IC // Q8_BLOCK) * Q8_BLOCK
+            K = -(-IC // _core.Q8_BLOCK) * _core.Q8_BLOCK
             specs[f"{name}.q8"] = ("I8", (OC, K))
-            specs[f"{name}.q8_scale"] = ("F32", (OC, K // Q8_BLOCK))
+            specs[f"{name}.q8_scale"] = ("F32", (OC, K // _core.Q8_BLOCK))
     return specs
 
 
