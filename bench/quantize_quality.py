@@ -4,7 +4,8 @@ greedy tokens the quantized models share with float32.
 
     python bench/quantize_quality.py [--steps 300] [--threads 2] [--run DIR]
 
---run DIR reuses a finished run (its final_model.cllm and dataset.bin) instead of training.
+--run DIR keeps the run there, and reuses it (its final_model.cllm and dataset.bin) when it
+has finished before.
 Reads ../shared/data/tinyshakespeare.txt; writes bench/out/quantize_quality.md.
 """
 from __future__ import annotations
@@ -58,14 +59,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    ap.add_argument("--run", type=Path, help="a finished run folder to reuse")
+    ap.add_argument("--run", type=Path, help="the run's folder, reused when it has finished")
     args = ap.parse_args()
     from cllm import Model
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or Path(tmp)
         trained = ""
-        if args.run is None:
+        if not (run / "out" / "final_model.cllm").exists():
             seconds = train(run, args.steps, args.threads)
             trained = f", trained for {args.steps} steps in {seconds / 60:.1f} min"
         model = Model.load(run / "out" / "final_model.cllm")
@@ -81,7 +82,7 @@ def main():
             same = next((i for i, (a, b) in enumerate(zip(ids, greedy)) if a != b), len(ids))
             rows.append((weights, ce, same))
     base = rows[0][1]
-    lines = [f"# Quantized weights: validation cross-entropy", "",
+    lines = ["# Quantized weights: validation cross-entropy", "",
              f"{machine_line()}", "",
              f"Model: {model.config.describe()}{trained}; {idx.size:,} validation tokens "
              f"(the last {VAL_FRACTION:.0%} of Tiny Shakespeare, windows of {SEQ_LEN}).", "",

@@ -25,16 +25,19 @@ static float *filled(long n, float magnitude) {
 static void put(const void *p, long bytes) { fwrite(p, 1, (size_t)bytes, stdout); }
 
 /* Whether y (M, OC), computed in one call, equals the product computed over output pieces of
- * `piece` rows into z: q8 when wq is set, else bf16. */
+ * `piece` rows into z: q8 when wq is set, bf16 when wb is, else float32 (w32). */
 static int same_by_pieces(const float *y, float *z, int piece, const float *bias, const int8_t *xq,
                           const float *xs, const float *x, int M, const int8_t *wq,
-                          const float *ws, const uint16_t *wb, int IC, int K, int OC) {
+                          const float *ws, const uint16_t *wb, const float *w32, int IC, int K,
+                          int OC) {
     for (int o = 0; o < OC; o += piece) {
         int o1 = o + piece < OC ? o + piece : OC;
         if (wq)
             cllm_q8_matmul(z, OC, bias, xq, xs, M, wq, ws, K, o, o1);
-        else
+        else if (wb)
             cllm_bf16_matmul(z, OC, bias, x, M, IC, wb, o, o1);
+        else
+            cllm_f32_matmul(z, OC, bias, x, M, IC, w32, o, o1);
     }
     return memcmp(y, z, (size_t)M * OC * sizeof(float)) == 0;
 }
@@ -64,7 +67,7 @@ int main(void) {
                     put(y, (long)M * OC * sizeof(float));
                     for (int piece = 1; piece <= 7; piece += 3)
                         if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M, wq,
-                                            ws, NULL, IC, K, OC))
+                                            ws, NULL, NULL, IC, K, OC))
                             return fprintf(stderr, "q8 by pieces of %d differs\n", piece), 1;
                 }
                 cllm_bf16_round(wb, w, (long)OC * IC);
@@ -74,8 +77,16 @@ int main(void) {
                     put(y, (long)M * OC * sizeof(float));
                     for (int piece = 1; piece <= 7; piece += 3)
                         if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M,
-                                            NULL, ws, wb, IC, K, OC))
+                                            NULL, ws, wb, NULL, IC, K, OC))
                             return fprintf(stderr, "bf16 by pieces of %d differs\n", piece), 1;
+                }
+                for (int with_bias = 0; with_bias < 2; with_bias++) {
+                    cllm_f32_matmul(y, OC, with_bias ? bias : NULL, x, M, IC, w, 0, OC);
+                    put(y, (long)M * OC * sizeof(float));
+                    for (int piece = 1; piece <= 7; piece += 3)
+                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M,
+                                            NULL, ws, NULL, w, IC, K, OC))
+                            return fprintf(stderr, "f32 by pieces of %d differs\n", piece), 1;
                 }
                 cllm_q8_dequantize_row(wf, wq + (long)(OC - 1) * K, ws + (long)(OC - 1) * nb, IC);
                 put(wf, IC * sizeof(float));

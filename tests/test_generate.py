@@ -270,3 +270,37 @@ def test_text_of_several_prompts_at_once():
     assert texts[2] == model.generate("wor", 12, temperature=1.0, seed=5)
     with pytest.raises(ValueError, match="non-empty"):
         model.generate(["hello", ""])
+
+
+def test_more_prompts_than_one_batch_keep_their_seeds():
+    from cllm.model import MAX_BATCH
+    model = random_model()
+    prompts = [[i % 40, (3 * i) % 40] for i in range(MAX_BATCH + 3)]
+    together = model.generate_ids(prompts, 6, temperature=1.0, seed=7)
+    assert len(together) == len(prompts)
+    for i in (0, MAX_BATCH - 1, MAX_BATCH, MAX_BATCH + 2):
+        assert together[i] == model.generate_ids(prompts[i], 6, temperature=1.0, seed=7 + i)
+
+
+def test_step_threads_follow_the_faster_count():
+    """A decoder whose step time depends on its threads (on a clock of the test's own), as when
+    another process takes cores: the probe moves to the faster count, and back when the other
+    process ends."""
+    from cllm.generate import StepThreads
+
+    class Decoder:
+        most_threads = 4
+        threads = 4
+    decoder, now = Decoder(), [0.0]
+    seconds = {4: 20.0, 3: 1.0, 2: 4.0, 1: 6.0}
+
+    def step():
+        now[0] += seconds[decoder.threads]
+    choice = StepThreads(decoder, clock=lambda: now[0])
+    for _ in range(70):
+        choice.run(step)
+    assert choice.chosen == 3
+    seconds[4] = 0.2
+    for _ in range(200):
+        choice.run(step)
+    assert choice.chosen == 4

@@ -1662,8 +1662,10 @@ cdef class Decoder:
                 memset(y + <Py_ssize_t>r * m.OC, 0, m.OC * sizeof(float))
         if m.format == FORMAT_INT8:
             # int8 products take int8 activations: x's rows rounded as one row's would be
-            cllm_q8_quantize_rows(&self.xq[0], &self.xs[0], x, M, m.IC, m.K)
-            for r in range(M):
+            for r in prange(M, num_threads=self.active_threads, schedule="static"):
+                cllm_q8_quantize_rows(&self.xq[<Py_ssize_t>r * m.K],
+                                      &self.xs[r * (m.K // CLLM_QK)],
+                                      x + <Py_ssize_t>r * m.IC, 1, m.IC, m.K)
                 cllm_q8_dequantize_row(&self.x_int8[<Py_ssize_t>r * m.IC],
                                        &self.xq[<Py_ssize_t>r * m.K],
                                        &self.xs[r * (m.K // CLLM_QK)], m.IC)

@@ -49,13 +49,14 @@ class StepThreads:
     """How many of a decoder's threads its next step runs on. A step synchronises its threads
     a few dozen times, so it slows to a crawl when another process takes one of their cores:
     every matrix product then waits for the thread that shares it. Every PROBE_EVERY steps one
-    step runs on one thread fewer (or, after a fall, one more), and the count whose recent
-    steps were faster runs on. The text never depends on the thread count."""
+    step runs on one thread fewer or one more (in turn, within 1..most_threads), and the count
+    whose recent steps were faster runs on. The text never depends on the thread count."""
     PROBE_EVERY = 32
     KEPT = 3        # step times remembered per count; their median decides
 
-    def __init__(self, decoder):
+    def __init__(self, decoder, clock=time.perf_counter):
         self.decoder = decoder
+        self.clock = clock
         self.chosen = decoder.most_threads
         self.times: dict[int, list[float]] = {}
         self.steps = 0
@@ -64,12 +65,16 @@ class StepThreads:
         """step(*args) timed on the chosen threads, or on the probed count."""
         threads = self.chosen
         if self.decoder.most_threads > 1 and self.steps % self.PROBE_EVERY == 1:
-            threads = self.chosen - 1 if self.chosen > 1 else self.chosen + 1
+            fewer = (self.steps // self.PROBE_EVERY) % 2 == 0
+            if fewer and self.chosen > 1 or self.chosen == self.decoder.most_threads:
+                threads = self.chosen - 1
+            else:
+                threads = self.chosen + 1
         self.decoder.threads = threads
-        start = time.perf_counter()
+        start = self.clock()
         result = step(*args)
         kept = self.times.setdefault(threads, [])
-        kept.append(time.perf_counter() - start)
+        kept.append(self.clock() - start)
         del kept[:-self.KEPT]
         self.chosen = min(self.times, key=lambda n: statistics.median(self.times[n]))
         self.steps += 1

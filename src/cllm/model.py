@@ -15,6 +15,11 @@ from .threads import positive_count, usable_cores
 from .tokenizer import checked_tokenizer, decode, encode, tokenizer_to_json
 
 
+# Prompts decoded together at most: each holds a key/value cache of the whole context, and
+# past this many a step is bound by arithmetic, not by reading the weights.
+MAX_BATCH = 16
+
+
 class Losses(NamedTuple):
     loss: float   # mean training loss (config.loss) over the targets that are not -1
     ce: float     # mean plain cross-entropy over them: the number that compares across settings
@@ -212,13 +217,18 @@ class Model:
                      top_k: int | None = None, top_p: float | None = None,
                      seed: int | None = None, threads: int | None = None):
         """The new token ids after the prompt ids (a list of ints), or after each prompt of a
-        list of them, decoded together (a list of lists); temperature 0 is greedy."""
+        list of them, decoded together MAX_BATCH at a time (a list of lists); temperature 0 is
+        greedy."""
         batch = len(ids) > 0 and all(isinstance(p, (list, tuple, np.ndarray)) for p in ids)
         prompts = [list(p) for p in ids] if batch else [ids]
-        steps = list(iter_batch(self, prompts, max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                                threads=threads))
-        new = [[step[i] for step in steps] for i in range(len(prompts))]
+        new = []
+        for start in range(0, len(prompts), MAX_BATCH):
+            group = prompts[start:start + MAX_BATCH]
+            steps = list(iter_batch(self, group, max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_k=top_k, top_p=top_p,
+                                    seed=None if seed is None else seed + start,
+                                    threads=threads))
+            new += [[step[i] for step in steps] for i in range(len(group))]
         return new if batch else new[0]
 
     def stream(self, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
