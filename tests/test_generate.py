@@ -304,3 +304,7 @@ def test_step_threads_follow_the_faster_count():
     for _ in range(200):
         choice.run(step)
     assert choice.chosen == 4
+    seconds[4] = 20.0         # a core taken again: moved off within a few steps
+    for _ in range(5):
+        choice.run(step)
+    assert choice.chosen == 3

@@ -48,35 +48,56 @@ def sample(logits: np.ndarray, rng: np.random.Generator, temperature: float,
 class StepThreads:
     """How many of a decoder's threads its next step runs on. A step synchronises its threads
     a few dozen times, so it slows to a crawl when another process takes one of their cores:
-    every matrix product then waits for the thread that shares it. Every PROBE_EVERY steps one
-    step runs on one thread fewer or one more (in turn, within 1..most_threads), and the count
-    whose recent steps were faster runs on. The text never depends on the thread count."""
-    PROBE_EVERY = 32
-    KEPT = 3        # step times remembered per count; their median decides
+    every matrix product then waits for the thread that shares it. Now and then one step runs
+    on one thread fewer or one more (in turn, within 1..most_threads), and runs on if it beat
+    the median of the recent steps. A probe that loses doubles the steps to the next one (up to
+    MOST_APART), so that a steady machine pays for few slow probes; one that wins, or steps
+    turning SLOWER times slower than their best, bring the next probe close again. The text
+    never depends on the thread count."""
+    FIRST_APART = 32
+    MOST_APART = 512
+    SLOWER = 2.0
+    KEPT = 3        # recent step times; their median is what a probe must beat
 
     def __init__(self, decoder, clock=time.perf_counter):
         self.decoder = decoder
         self.clock = clock
         self.chosen = decoder.most_threads
-        self.times: dict[int, list[float]] = {}
+        self.recent: list[float] = []
+        self.best = float("inf")
+        self.apart = self.FIRST_APART
+        self.next_probe = 1
+        self.probes = 0
         self.steps = 0
 
     def run(self, step, *args):
         """step(*args) timed on the chosen threads, or on the probed count."""
+        probing = self.decoder.most_threads > 1 and self.steps == self.next_probe
         threads = self.chosen
-        if self.decoder.most_threads > 1 and self.steps % self.PROBE_EVERY == 1:
-            fewer = (self.steps // self.PROBE_EVERY) % 2 == 0
+        if probing:
+            fewer = self.probes % 2 == 0
             if fewer and self.chosen > 1 or self.chosen == self.decoder.most_threads:
                 threads = self.chosen - 1
             else:
                 threads = self.chosen + 1
+            self.probes += 1
         self.decoder.threads = threads
         start = self.clock()
         result = step(*args)
-        kept = self.times.setdefault(threads, [])
-        kept.append(self.clock() - start)
-        del kept[:-self.KEPT]
-        self.chosen = min(self.times, key=lambda n: statistics.median(self.times[n]))
+        seconds = self.clock() - start
+        if probing:
+            if seconds < statistics.median(self.recent):
+                self.chosen, self.recent, self.best = threads, [seconds], seconds
+                self.apart = self.FIRST_APART
+            else:
+                self.apart = min(2 * self.apart, self.MOST_APART)
+            self.next_probe = self.steps + self.apart
+        else:
+            self.recent = (self.recent + [seconds])[-self.KEPT:]
+            typical = statistics.median(self.recent)
+            self.best = min(self.best, typical)
+            if typical > self.SLOWER * self.best and self.next_probe > self.steps + 1:
+                self.next_probe, self.apart = self.steps + 1, self.FIRST_APART
         self.steps += 1
         return result
 
