@@ -1826,6 +1826,7 @@ cdef class Decoder:
              const int32_t[::1] positions, const int32_t[::1] out_rows, float[:, ::1] logits):
         """Run M <= MAX_ROWS token rows (see run_rows); logits (R, V) receives the logits
         after the rows out_rows (R of them, R <= M)."""
+        from contextlib import nullcontext
         from .threads import blas_single_threaded
         cdef int M = tokens.shape[0], R = out_rows.shape[0], r
         cdef Dims *d = &self.d
@@ -1844,7 +1845,8 @@ cdef class Decoder:
                 raise ValueError(f"rows: out_rows holds {out_rows[r]}, not a row")
         if R == 0:
             return
-        with blas_single_threaded():
+        # one row calls no BLAS, and a step is too short to pay for limiting its threads
+        with blas_single_threaded() if M > 1 else nullcontext():
             with nogil:
                 self.run_rows(&tokens[0], &seqs[0], &positions[0], M, &out_rows[0], R,
                               &logits[0, 0])
