@@ -1570,7 +1570,10 @@ cdef class Decoder:
     cdef readonly int batch
     cdef readonly int most_threads            # what the scratch is sized for
     cdef int active_threads
-    cdef float[:, :, :, ::1] k_cache, v_cache   # (batch, L, n_ctx, C)
+    # keys transposed, (batch, L, H, hd, n_ctx), so that a row's scores over its positions
+    # are hd vector products along contiguous positions; values (batch, L, n_ctx, C)
+    cdef float[:, :, :, :, ::1] k_cache
+    cdef float[:, :, :, ::1] v_cache
     cdef float[:, ::1] x, ln, qkv, atty, fch    # (MAX_ROWS, C | C | 3C | C | F)
     cdef float[::1] mean, rstd                  # (MAX_ROWS)
     cdef int8_t[::1] xq                         # int8 activation rows (MAX_ROWS * max K)
@@ -1588,7 +1591,7 @@ cdef class Decoder:
         self.d = net.d
         self.net, self.w, self.batch = net, weights, batch
         self.active_threads = self.most_threads = threads
-        self.k_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
+        self.k_cache = np.zeros((batch, d.L, d.H, d.C // d.H, d.n_ctx), np.float32)
         self.v_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
         rows = MAX_ROWS
         self.x = np.zeros((rows, d.C), np.float32)
@@ -1716,8 +1719,9 @@ cdef class Decoder:
         positions of the row's sequence that its position attends to (0..pos, or its Ulam
         neighbours); (row, head) pairs in parallel."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H
-        cdef int i, r, h, j, n
-        cdef float scale = 1.0 / sqrtf(hd), mx, inv
+        cdef int n_ctx = self.d.n_ctx
+        cdef int i, r, h, j, n, e
+        cdef float scale = 1.0 / sqrtf(hd), mx, inv, dot
         cdef float *s
         cdef float *y
         cdef const float *q
@@ -1735,10 +1739,19 @@ cdef class Decoder:
             q = &self.qkv[r, h * hd]
             s = &self.scores[threadid(), 0]
             y = &self.atty[r, h * hd]
-            keys = &self.k_cache[seqs[r], l, 0, h * hd]
+            keys = &self.k_cache[seqs[r], l, h, 0, 0]          # (hd, n_ctx)
             values = &self.v_cache[seqs[r], l, 0, h * hd]
-            for j in range(n):
-                s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>(key[j] if key else j) * C, hd)
+            if key == NULL:
+                # s[0:n] = scale * q . K^T, along contiguous positions
+                memset(s, 0, n * sizeof(float))
+                for e in range(hd):
+                    cllm_row_axpy(s, keys + <Py_ssize_t>e * n_ctx, n, scale * q[e])
+            else:
+                for j in range(n):
+                    dot = 0.0
+                    for e in range(hd):
+                        dot = dot + q[e] * keys[<Py_ssize_t>e * n_ctx + key[j]]
+                    s[j] = scale * dot
             mx = cllm_row_max(s, n)
             inv = <float>(1.0 / cllm_row_exp_sum(s, n, mx))
             memset(y, 0, hd * sizeof(float))
@@ -1758,9 +1771,10 @@ cdef class Decoder:
         cdef float *row
         for h in prange(H, num_threads=self.active_threads, schedule="dynamic"):
             S = &self.scores[threadid(), 0]
-            # S (M, n) = scale * Q_h (M, hd; rows 3C apart) @ K_h^T, K_h (n, hd; rows C apart)
-            matmul(False, True, M, n, hd, scale, &self.qkv[0, h * hd], 3 * C,
-                   &self.k_cache[seq, l, 0, h * hd], C, 0.0, S, n)
+            # S (M, n) = scale * Q_h (M, hd; rows 3C apart) @ K_h^T, K_h^T (hd, n; rows n_ctx
+            # apart)
+            matmul(False, False, M, n, hd, scale, &self.qkv[0, h * hd], 3 * C,
+                   &self.k_cache[seq, l, h, 0, 0], self.d.n_ctx, 0.0, S, n)
             for r in range(M):
                 row = S + <Py_ssize_t>r * n
                 valid = p0 + r + 1
@@ -1777,7 +1791,7 @@ cdef class Decoder:
         that sequence holding its earlier positions (or getting them from earlier rows of this
         call). logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, l, r
+        cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, e
         cdef const Py_ssize_t *o
         cdef const float *p = self.net.p
         cdef const Matrix *m
@@ -1800,8 +1814,8 @@ cdef class Decoder:
                 if d.angular:
                     rotate_qk(qkv + r * 3 * C, d.rot_cos + pos[r] * (C // 2),
                               d.rot_sin + pos[r] * (C // 2), C, 1.0)
-                memcpy(&self.k_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + C,
-                       C * sizeof(float))
+                for e in range(C):
+                    self.k_cache[seqs[r], l, e // hd, e % hd, pos[r]] = qkv[r * 3 * C + C + e]
                 memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
                        C * sizeof(float))
             if block and not d.ulam:
