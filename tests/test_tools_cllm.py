@@ -130,6 +130,16 @@ def test_a_failing_install(fake_root, tmp_path):
     assert f"make -C {fake_root} install` exited with 2" in error
 
 
+def test_a_failing_install_when_started_with_sigchld_ignored(fake_root, tmp_path):
+    """A parent that ignores SIGCHLD passes that on: the script must still see make's status."""
+    (fake_root / "Makefile").write_text("install:\n\t@exit 3\n")
+    result = subprocess.run(
+        BARE + [str(fake_root / "tools" / "cllm"), "help"], cwd=tmp_path, env=env(),
+        capture_output=True, text=True, timeout=TIMEOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    assert f"make -C {fake_root} install` exited with 2" in assert_one_error_line(result)
+
+
 def test_without_make(fake_root, tmp_path):
     (fake_root / "Makefile").write_text("install:\n\ttrue\n")
     (tmp_path / "bin").mkdir()
