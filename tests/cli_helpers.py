@@ -17,6 +17,11 @@ SRC = REPO / "src"
 # A tiny model that trains in milliseconds per step.
 TINY = ["-e", "16", "-l", "1", "-H", "2", "-s", "16", "-b", "4", "-t", "1", "--warmup", "2"]
 TIMING_FIELDS = ("tokens_per_s", "elapsed")
+# The uninterrupted run the train and hardening tests share: STEPS steps of TINY with
+# checkpoints at 3, 6 and 9.
+STEPS = 9
+RUN = [*TINY, "--tokenizer", "char", "--max-steps", STEPS, "--checkpoint-every", 3,
+       "--keep-checkpoints", 5, "--eval-every", 3, "--eval-batches", 2]
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -24,22 +24,17 @@ static float *filled(long n, float magnitude) {
 
 static void put(const void *p, long bytes) { fwrite(p, 1, (size_t)bytes, stdout); }
 
-/* Whether y (M, OC), computed in one call, equals the product computed over output pieces of
- * `piece` rows into z: q8 when wq is set, bf16 when wb is, else float32 (w32). */
-static int same_by_pieces(const float *y, float *z, int piece, const float *bias, const int8_t *xq,
-                          const float *xs, const float *x, int M, const int8_t *wq,
-                          const float *ws, const uint16_t *wb, const float *w32, int IC, int K,
-                          int OC) {
-    for (int o = 0; o < OC; o += piece) {
-        int o1 = o + piece < OC ? o + piece : OC;
-        if (wq)
-            cllm_q8_matmul(z, OC, bias, xq, xs, M, wq, ws, K, o, o1);
-        else if (wb)
-            cllm_bf16_matmul(z, OC, bias, x, M, IC, wb, o, o1);
-        else
-            cllm_f32_matmul(z, OC, bias, x, M, IC, w32, o, o1);
-    }
-    return memcmp(y, z, (size_t)M * OC * sizeof(float)) == 0;
+/* y (M, OC) columns [o0, o1) of the product: q8 when wq is set, bf16 when wb is, else float32
+ * (w32). */
+static void product(float *y, int o0, int o1, const float *bias, const int8_t *xq,
+                    const float *xs, const float *x, int M, const int8_t *wq, const float *ws,
+                    const uint16_t *wb, const float *w32, int IC, int K, int OC) {
+    if (wq)
+        cllm_q8_matmul(y, OC, bias, xq, xs, M, wq, ws, K, o0, o1);
+    else if (wb)
+        cllm_bf16_matmul(y, OC, bias, x, M, IC, wb, o0, o1);
+    else
+        cllm_f32_matmul(y, OC, bias, x, M, IC, w32, o0, o1);
 }
 
 int main(void) {
@@ -62,31 +57,26 @@ int main(void) {
                 put(xs, (long)M * nb * sizeof(float));
                 put(wq, (long)OC * K);
                 put(ws, (long)OC * nb * sizeof(float));
-                for (int with_bias = 0; with_bias < 2; with_bias++) {
-                    cllm_q8_matmul(y, OC, with_bias ? bias : NULL, xq, xs, M, wq, ws, K, 0, OC);
-                    put(y, (long)M * OC * sizeof(float));
-                    for (int piece = 1; piece <= 7; piece += 3)
-                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M, wq,
-                                            ws, NULL, NULL, IC, K, OC))
-                            return fprintf(stderr, "q8 by pieces of %d differs\n", piece), 1;
-                }
                 cllm_bf16_round(wb, w, (long)OC * IC);
-                put(wb, (long)OC * IC * sizeof(uint16_t));
-                for (int with_bias = 0; with_bias < 2; with_bias++) {
-                    cllm_bf16_matmul(y, OC, with_bias ? bias : NULL, x, M, IC, wb, 0, OC);
-                    put(y, (long)M * OC * sizeof(float));
-                    for (int piece = 1; piece <= 7; piece += 3)
-                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M,
-                                            NULL, ws, wb, NULL, IC, K, OC))
-                            return fprintf(stderr, "bf16 by pieces of %d differs\n", piece), 1;
-                }
-                for (int with_bias = 0; with_bias < 2; with_bias++) {
-                    cllm_f32_matmul(y, OC, with_bias ? bias : NULL, x, M, IC, w, 0, OC);
-                    put(y, (long)M * OC * sizeof(float));
-                    for (int piece = 1; piece <= 7; piece += 3)
-                        if (!same_by_pieces(y, z, piece, with_bias ? bias : NULL, xq, xs, x, M,
-                                            NULL, ws, NULL, w, IC, K, OC))
-                            return fprintf(stderr, "f32 by pieces of %d differs\n", piece), 1;
+                static const char *kinds[] = {"q8", "bf16", "f32"};
+                for (int kind = 0; kind < 3; kind++) {
+                    const int8_t *kq = kind == 0 ? wq : NULL;
+                    const uint16_t *kb = kind == 1 ? wb : NULL;
+                    if (kb) put(wb, (long)OC * IC * sizeof(uint16_t));
+                    for (int with_bias = 0; with_bias < 2; with_bias++) {
+                        const float *b = with_bias ? bias : NULL;
+                        product(y, 0, OC, b, xq, xs, x, M, kq, ws, kb, w, IC, K, OC);
+                        put(y, (long)M * OC * sizeof(float));
+                        /* the same bits computed over pieces of the output range */
+                        for (int piece = 1; piece <= 7; piece += 3) {
+                            for (int o = 0; o < OC; o += piece)
+                                product(z, o, o + piece < OC ? o + piece : OC, b, xq, xs, x, M,
+                                        kq, ws, kb, w, IC, K, OC);
+                            if (memcmp(y, z, (size_t)M * OC * sizeof(float)) != 0)
+                                return fprintf(stderr, "%s by pieces of %d differs\n",
+                                               kinds[kind], piece), 1;
+                        }
+                    }
                 }
                 cllm_q8_dequantize_row(wf, wq + (long)(OC - 1) * K, ws + (long)(OC - 1) * nb, IC);
                 put(wf, IC * sizeof(float));

@@ -5,7 +5,6 @@ The hostile files are written here, by rewriting the JSON header of files cllm w
 format: 8-byte little-endian header length, JSON header with `__metadata__` of string values,
 tensor data). `sealed` edits give the file a fresh digest, computed here from its description
 in checkpoint.py, so that the check behind the digest is the one that must refuse it."""
-import contextlib
 import errno
 import hashlib
 import io
@@ -26,11 +25,10 @@ import pytest
 import safetensors.numpy
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from cli_helpers import (TINY, assert_clean_error, door, metric_lines, run_cli, subprocess_env,
-                         write_corpus)
+from cli_helpers import (STEPS, TINY, assert_clean_error, door, metric_lines, run_cli,
+                         subprocess_env)
 from cllm import fileio, safejson
 from cllm.checkpoint import load_cllm
-from cllm.cli import main
 from cllm.config import ModelConfig
 from cllm.errors import CheckpointError, CllmError, NonFiniteError
 from cllm.model import Model
@@ -40,27 +38,15 @@ from cllm.runlock import LOCK_FILE
 from cllm.tokenizer import train_char
 from cllm.train import _SAME_REQUEST_SECONDS
 
-STEPS = 9
-RUN = [*TINY, "--tokenizer", "char", "--max-steps", STEPS, "--checkpoint-every", 3,
-       "--keep-checkpoints", 5, "--eval-every", 3, "--eval-batches", 2]
 DIGEST_MISMATCH = ("damaged or altered .cllm file (its configuration, metadata or tensor "
                    "list does not match its digest)")
 DATA_MISMATCH = "damaged or altered .cllm file (its tensor data does not match its digest)"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def full_run(corpus, tmp_path_factory):
-    """An uninterrupted run of STEPS steps with checkpoints at 3, 6 and 9."""
-    out, output = tmp_path_factory.mktemp("full"), io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-        code = main(["train", "-d", str(corpus), "-c", str(out), *map(str, RUN)])
-    assert code == 0, output.getvalue()[-3000:]
-    return out
+def full_run(trained_run):
+    """The folder of an uninterrupted run of STEPS steps with checkpoints at 3, 6 and 9."""
+    return trained_run[0]
 
 
 # ---- writing hostile files -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import REPO, run_cli, subprocess_env, write_corpus
+from cli_helpers import REPO, subprocess_env, write_corpus
 from cllm.checkpoint import load_cllm
 
 pytest.importorskip("mpi4py", reason="MPI tests need the mpi extra: pip install '.[mpi]'")

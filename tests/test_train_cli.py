@@ -1,7 +1,5 @@
 """`cllm train` end to end on a tiny model: the six phases and their files, exact resume,
 crash safety, Ctrl-C, and clean errors for bad input."""
-import contextlib
-import io
 import json
 import random
 import shlex
@@ -15,31 +13,18 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from cli_helpers import (TINY, assert_clean_error, door, metric_lines, run_cli, run_door,
-                         subprocess_env, write_corpus)
+from cli_helpers import (RUN, STEPS, TINY, assert_clean_error, door, metric_lines, run_cli,
+                         run_door, subprocess_env)
 from cllm.checkpoint import load_cllm
-from cllm.cli import main
 from cllm.data import open_dataset
 from cllm.model import Model
 from cllm.optim import scheduled_lr
 
-STEPS = 9
-RUN = [*TINY, "--tokenizer", "char", "--max-steps", STEPS, "--checkpoint-every", 3,
-       "--keep-checkpoints", 5, "--eval-every", 3, "--eval-batches", 2]
-
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def full_run(corpus, tmp_path_factory):
-    """An uninterrupted run: (its folder, its stdout). Module-scoped, so capsys is not at hand."""
-    out, stdout = tmp_path_factory.mktemp("full"), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["train", "-d", str(corpus), "-c", str(out), *map(str, RUN)]) == 0
-    return out, stdout.getvalue()
+def full_run(trained_run):
+    """An uninterrupted run: (its folder, its stdout)."""
+    return trained_run
 
 
 def test_six_phases_write_every_file(full_run, capsys):
