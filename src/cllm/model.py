@@ -9,8 +9,8 @@ import numpy as np
 from . import _core, crystal
 from .checkpoint import CllmFile, load_cllm, save_cllm
 from .config import ModelConfig
-from .quantize import decoder_matrices, quantize_tensors
 from .generate import iter_batch, iter_text
+from .quantize import decoder_matrices, quantize_tensors
 from .threads import positive_count, usable_cores
 from .tokenizer import checked_tokenizer, decode, encode, tokenizer_to_json
 
@@ -30,10 +30,10 @@ class Model:
     one flat buffer, `flat`), its tokenizer and its files. The computation is the core's
     Transformer (`core`), which owns everything else the model's operations need.
 
-    A model whose matrices are quantized for generation (`quantized`, `weight_format` "bf16" or
-    "int8") holds them in `quantized_tensors` (the tensors of its file) and only the small
-    float32 tensors (LayerNorms, biases, wpe) in `params`: it generates, and its forward and
-    losses work, but it does not train."""
+    A model whose matrices are quantized for generation (`weight_format` "bf16" or "int8", made
+    by `quantized` or loaded) holds them in `quantized_tensors` (the tensors of its file) and
+    only the small float32 tensors (LayerNorms, biases, wpe) in `params`: it generates, and its
+    forward and losses work, but it does not train."""
 
     def __init__(self, config: ModelConfig, flat: np.ndarray | None = None, tokenizer=None,
                  weights: str = "float32", quantized_tensors: dict | None = None):
