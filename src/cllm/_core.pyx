@@ -54,6 +54,8 @@ cdef extern from "vecmath.h" nogil:
 cdef extern from "quant.h" nogil:
     enum: CLLM_QK
     void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC, int K)
+    void cllm_q8_quantize_activations(int8_t *q, float *scale, const float *x, int M, int IC,
+                                      int K)
     void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq, const float *xs,
                         int M, const int8_t *wq, const float *ws, int K, int o0, int o1)
     void cllm_bf16_round(uint16_t *out, const float *x, long n)
@@ -1334,12 +1336,13 @@ cdef inline int q8_width(int IC) noexcept nogil:
 cdef void rows_product(float *y, const float *x, int M, const Matrix *m, int8_t *xq,
                       float *xs, int threads) noexcept nogil:
     """y (M, OC) = x (M, IC) @ W.T + bias for W stored rows by output (int8, bf16 or float32
-    rows); for int8, x is first quantized into xq (M, K), xs (M, K / 32). The outputs are cut
-    into LINEAR_BLOCKS blocks that the threads take as they come free (a thread that shares
-    its core with another process then holds up one block, not a fixed share of the work)."""
+    rows); for int8, x is first quantized into xq (M, K), xs (M, K / 32) in the tile order
+    of the product. The outputs are cut into LINEAR_BLOCKS blocks that the threads take as
+    they come free (a thread that shares its core with another process then holds up one
+    block, not a fixed share of the work)."""
     cdef int c, o0, o1
     if m.format == FORMAT_INT8:
-        cllm_q8_quantize_rows(xq, xs, x, M, m.IC, m.K)
+        cllm_q8_quantize_activations(xq, xs, x, M, m.IC, m.K)
     for c in prange(LINEAR_BLOCKS, num_threads=threads, schedule="dynamic"):
         o0 = m.OC * c // LINEAR_BLOCKS
         o1 = m.OC * (c + 1) // LINEAR_BLOCKS
@@ -1791,10 +1794,11 @@ cdef class Decoder:
         that sequence holding its earlier positions (or getting them from earlier rows of this
         call). logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, e
+        cdef int C = d.C, F = d.F, l, r, e
         cdef const Py_ssize_t *o
         cdef const float *p = self.net.p
         cdef const Matrix *m
+        cdef float *key
         cdef float *x = &self.x[0, 0]
         cdef float *ln = &self.ln[0, 0]
         cdef float *qkv = &self.qkv[0, 0]
@@ -1814,8 +1818,11 @@ cdef class Decoder:
                 if d.angular:
                     rotate_qk(qkv + r * 3 * C, d.rot_cos + pos[r] * (C // 2),
                               d.rot_sin + pos[r] * (C // 2), C, 1.0)
+                # the key's element e = (head, dim) goes to position pos[r] of row e of the
+                # sequence's (C, n_ctx) transposed cache
+                key = &self.k_cache[seqs[r], l, 0, 0, pos[r]]
                 for e in range(C):
-                    self.k_cache[seqs[r], l, e // hd, e % hd, pos[r]] = qkv[r * 3 * C + C + e]
+                    key[<Py_ssize_t>e * d.n_ctx] = qkv[r * 3 * C + C + e]
                 memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
                        C * sizeof(float))
             if block and not d.ulam:

@@ -29,18 +29,20 @@
 
 #define CLLM_QK 32
 
-/* Output rows computed together: they share each load of the activations, and their
- * accumulators are independent chains of FMAs, which hides the FMA latency. */
+/* Output rows computed together for one activation row (a generation step): they share each
+ * load of the activations, and their accumulators are independent chains of FMAs, which hides
+ * the FMA latency. */
 #define CLLM_ROWS 4
 
-/* Output rows run over every activation row before the next ones (see cllm_matmul_rows): for
- * IC = 1536, 24 KB of Q8 or 48 KB of bf16, which stay in L1 or L2. */
-#define CLLM_TILE 16
+/* Activation rows computed together for one output row (several rows: a batch): each weight
+ * block is loaded (and converted) once for all of them, so that the arithmetic, not the loads,
+ * sets the speed once the weights no longer stream from memory for a single row. */
+#define CLLM_MROWS 8
 
-/* Register allocation decides the speed of the inner loops: the row primitives are always
- * inlined, so that R is a constant and the accumulators stay in registers, and each product is
- * a function of its own, never inlined, so that its loops are allocated apart from the caller's
- * (inlined into a large OpenMP region, they spilled and ran at half speed). */
+/* Register allocation decides the speed of the inner loops: the tile primitives are always
+ * inlined, so that their shape is a constant and the accumulators stay in registers, and each
+ * product is a function of its own, never inlined, so that its loops are allocated apart from
+ * the caller's (inlined into a large OpenMP region, they spilled and ran at half speed). */
 #if defined(__GNUC__)
 #define CLLM_INLINE static inline __attribute__((always_inline))
 #define CLLM_NOINLINE static __attribute__((noinline, unused))
@@ -56,7 +58,8 @@ static inline float cllm_bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* ---- the primitives of each path: 8 float lanes (cllm_f8) and what accumulates into them ---- */
+/* ---- the primitives of each path: 8 float lanes (cllm_f8), a block of 32 int8 (cllm_q8v) and
+ * its 8 lane sums (cllm_i8) ---- */
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -70,38 +73,47 @@ static inline float cllm_bf16_to_f32(uint16_t h) {
 #endif
 
 typedef __m256 cllm_f8;
+typedef __m256i cllm_q8v;
+typedef __m256i cllm_i8;
 
 static inline cllm_f8 cllm_f8_zero(void) { return _mm256_setzero_ps(); }
+CLLM_INLINE cllm_f8 cllm_f8_set1(float v) { return _mm256_set1_ps(v); }
+CLLM_INLINE cllm_f8 cllm_f8_mul(cllm_f8 a, cllm_f8 b) { return _mm256_mul_ps(a, b); }
+CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) { return _mm256_loadu_ps(p); }
 
-/* acc + d * s, lane j of s = sum over k < 4 of w[4j + k] x[4j + k]. The unsigned-by-signed
- * instructions take |x| and w with the sign of x (the product is unchanged, 0 where x is 0):
- * |x| is the same for every weight row of a group, so it is computed once for them (the
- * compiler merges the copies of the unrolled rows). maddubs adds pairs in int16 with
- * saturation: q in [-127, 127] bounds a pair by 2 * 127^2 = 32258, which fits, so the sums
- * stay exact. */
-CLLM_INLINE cllm_f8 cllm_q8_block(cllm_f8 acc, float d, const int8_t *w, const int8_t *x) {
-    __m256i wv = _mm256_loadu_si256((const __m256i *)w);
-    __m256i xv = _mm256_loadu_si256((const __m256i *)x);
-    __m256i ax = _mm256_sign_epi8(xv, xv);
-    __m256i sw = _mm256_sign_epi8(wv, xv);
+/* 8 bf16 as float32: a bf16 is the top half of its float32 */
+CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
+    __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
+}
+
+/* acc + a * b */
+CLLM_INLINE cllm_f8 cllm_f8_fma(cllm_f8 acc, cllm_f8 a, cllm_f8 b) {
+    return _mm256_fmadd_ps(a, b, acc);
+}
+
+CLLM_INLINE cllm_q8v cllm_q8_load(const int8_t *p) {
+    return _mm256_loadu_si256((const __m256i *)p);
+}
+
+CLLM_INLINE cllm_q8v cllm_q8_abs(cllm_q8v v) { return _mm256_sign_epi8(v, v); }
+
+/* lane j = sum over k < 4 of a[4j + k] b[4j + k], given abs_a = |a|. The unsigned-by-signed
+ * instructions take |a| and b with the sign of a (the product is unchanged, 0 where a is 0).
+ * maddubs adds pairs in int16 with saturation: q in [-127, 127] bounds a pair by
+ * 2 * 127^2 = 32258, which fits, so the sums stay exact. */
+CLLM_INLINE cllm_i8 cllm_q8_dot(cllm_q8v abs_a, cllm_q8v a, cllm_q8v b) {
+    __m256i sb = _mm256_sign_epi8(b, a);
 #ifdef CLLM_DPBUSD
-    __m256i s = CLLM_DPBUSD(_mm256_setzero_si256(), ax, sw);
+    return CLLM_DPBUSD(_mm256_setzero_si256(), abs_a, sb);
 #else
-    __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sw), _mm256_set1_epi16(1));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(abs_a, sb), _mm256_set1_epi16(1));
 #endif
-    return _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc);
 }
 
-/* acc + x[0:8] * float(w[0:8]): a bf16 is the top half of its float32. */
-CLLM_INLINE cllm_f8 cllm_bf16_block(cllm_f8 acc, const float *x, const uint16_t *w) {
-    __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)w));
-    __m256 wf = _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
-    return _mm256_fmadd_ps(_mm256_loadu_ps(x), wf, acc);
-}
-
-/* acc + x[0:8] * w[0:8] */
-CLLM_INLINE cllm_f8 cllm_f32_block(cllm_f8 acc, const float *x, const float *w) {
-    return _mm256_fmadd_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(w), acc);
+/* acc + d * float(s) */
+CLLM_INLINE cllm_f8 cllm_q8_accumulate(cllm_f8 acc, cllm_f8 d, cllm_i8 s) {
+    return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc);
 }
 
 /* out[r] = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) of a[r], for 4 rows at once. */
@@ -113,28 +125,65 @@ CLLM_INLINE void cllm_f8_sum4(float out[4], const cllm_f8 a[4]) {
 #else  /* plain C: the same lanes, sums and roundings as the vector path */
 
 typedef struct { float l[8]; } cllm_f8;
+typedef struct { int8_t b[CLLM_QK]; } cllm_q8v;
+typedef struct { int32_t l[8]; } cllm_i8;
 
 static inline cllm_f8 cllm_f8_zero(void) {
     cllm_f8 z = {{0.0f}};
     return z;
 }
 
-CLLM_INLINE cllm_f8 cllm_q8_block(cllm_f8 acc, float d, const int8_t *w, const int8_t *x) {
+CLLM_INLINE cllm_f8 cllm_f8_set1(float v) {
+    cllm_f8 r;
+    for (int j = 0; j < 8; j++) r.l[j] = v;
+    return r;
+}
+
+CLLM_INLINE cllm_f8 cllm_f8_mul(cllm_f8 a, cllm_f8 b) {
+    for (int j = 0; j < 8; j++) a.l[j] *= b.l[j];
+    return a;
+}
+
+CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) {
+    cllm_f8 r;
+    memcpy(r.l, p, sizeof r.l);
+    return r;
+}
+
+CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
+    cllm_f8 r;
+    for (int j = 0; j < 8; j++) r.l[j] = cllm_bf16_to_f32(p[j]);
+    return r;
+}
+
+CLLM_INLINE cllm_f8 cllm_f8_fma(cllm_f8 acc, cllm_f8 a, cllm_f8 b) {
+    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(a.l[j], b.l[j], acc.l[j]);
+    return acc;
+}
+
+CLLM_INLINE cllm_q8v cllm_q8_load(const int8_t *p) {
+    cllm_q8v r;
+    memcpy(r.b, p, sizeof r.b);
+    return r;
+}
+
+CLLM_INLINE cllm_q8v cllm_q8_abs(cllm_q8v v) {
+    for (int k = 0; k < CLLM_QK; k++) v.b[k] = (int8_t)(v.b[k] < 0 ? -v.b[k] : v.b[k]);
+    return v;
+}
+
+CLLM_INLINE cllm_i8 cllm_q8_dot(cllm_q8v abs_a, cllm_q8v a, cllm_q8v b) {
+    cllm_i8 s;
+    (void)abs_a;
     for (int j = 0; j < 8; j++) {
-        int32_t s = 0;
-        for (int k = 4 * j; k < 4 * j + 4; k++) s += (int32_t)w[k] * x[k];
-        acc.l[j] = fmaf(d, (float)s, acc.l[j]);
+        s.l[j] = 0;
+        for (int k = 4 * j; k < 4 * j + 4; k++) s.l[j] += (int32_t)a.b[k] * b.b[k];
     }
-    return acc;
+    return s;
 }
 
-CLLM_INLINE cllm_f8 cllm_bf16_block(cllm_f8 acc, const float *x, const uint16_t *w) {
-    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(x[j], cllm_bf16_to_f32(w[j]), acc.l[j]);
-    return acc;
-}
-
-CLLM_INLINE cllm_f8 cllm_f32_block(cllm_f8 acc, const float *x, const float *w) {
-    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(x[j], w[j], acc.l[j]);
+CLLM_INLINE cllm_f8 cllm_q8_accumulate(cllm_f8 acc, cllm_f8 d, cllm_i8 s) {
+    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(d.l[j], (float)s.l[j], acc.l[j]);
     return acc;
 }
 
@@ -149,55 +198,113 @@ CLLM_INLINE void cllm_f8_sum4(float out[4], const cllm_f8 a[4]) {
 
 /* ---- the products ---- */
 
-/* y[r * step] = the lanes of acc[r] summed, plus bias[r * step], for r < R */
-CLLM_INLINE void cllm_store_rows(float *y, const float *bias, long step, const cllm_f8 acc[4],
-                                 int R) {
-    float s[4];
-    cllm_f8_sum4(s, acc);
-    for (int r = 0; r < R; r++) y[r * step] = s[r] + (bias ? bias[r * step] : 0.0f);
-}
+/* Most accumulators of a tile: CLLM_ROWS x 1 or 1 x CLLM_MROWS. */
+#define CLLM_TILE_ACC 8
 
-/* y[r * step] for the weight rows r * step, r < R, and one activation row. R <= CLLM_ROWS is
- * a constant at each call, so that the loops over r unroll and acc stays in registers. */
-CLLM_INLINE void cllm_q8_rows(float *y, const float *bias, long step, const int8_t *xq,
-                              const float *xs, const int8_t *wq, const float *ws, int nb, int R) {
-    cllm_f8 acc[CLLM_ROWS];
-    for (int r = 0; r < CLLM_ROWS; r++) acc[r] = cllm_f8_zero();
-    for (int b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++)
-            acc[r] = cllm_q8_block(acc[r], ws[r * step * nb + b] * xs[b],
-                                   wq + (r * step * nb + b) * CLLM_QK, xq + b * CLLM_QK);
-    cllm_store_rows(y, bias, step, acc, R);
-}
+/* Blocks whose scale products a Q8 tile computes ahead (on the stack) */
+#define CLLM_SCALE_BLOCKS 16
 
-/* The same for bf16 rows (wb) or float32 rows (wf, when not NULL) of IC elements. The last
- * IC mod 8 go through zero-padded copies, whose products add +0 to the lanes, the same on
- * every path. */
-CLLM_INLINE void cllm_float_rows(float *y, const float *bias, long step, const float *x,
-                                 const uint16_t *wb, const float *wf, int IC, int R) {
-    cllm_f8 acc[CLLM_ROWS];
-    for (int r = 0; r < CLLM_ROWS; r++) acc[r] = cllm_f8_zero();
-    int i = 0;
-    for (; i + 8 <= IC; i += 8)
-        for (int r = 0; r < R; r++)
-            acc[r] = wf ? cllm_f32_block(acc[r], x + i, wf + r * step * IC + i)
-                        : cllm_bf16_block(acc[r], x + i, wb + r * step * IC + i);
-    if (i < IC) {
-        float xt[8] = {0.0f};
-        memcpy(xt, x + i, (IC - i) * sizeof(float));
-        for (int r = 0; r < R; r++) {
-            uint16_t bt[8] = {0};
-            float ft[8] = {0.0f};
-            if (wf) {
-                memcpy(ft, wf + r * step * IC + i, (IC - i) * sizeof(float));
-                acc[r] = cllm_f32_block(acc[r], xt, ft);
-            } else {
-                memcpy(bt, wb + r * step * IC + i, (IC - i) * sizeof(uint16_t));
-                acc[r] = cllm_bf16_block(acc[r], xt, bt);
-            }
+/* y[m * ldy + r * step] = the lanes of acc[r * RM + m] summed, plus bias[r * step], for the
+ * RO x RM outputs of a tile. */
+CLLM_INLINE void cllm_store_tile(float *y, long ldy, const float *bias, long step,
+                                 const cllm_f8 *acc, int RO, int RM) {
+    for (int t = 0; t < RO * RM; t += 4) {
+        cllm_f8 four[4];
+        float s[4];
+        for (int u = 0; u < 4; u++) four[u] = t + u < RO * RM ? acc[t + u] : cllm_f8_zero();
+        cllm_f8_sum4(s, four);
+        for (int u = 0; u < 4 && t + u < RO * RM; u++) {
+            int r = (t + u) / RM, m = (t + u) % RM;
+            y[m * ldy + r * step] = s[u] + (bias ? bias[r * step] : 0.0f);
         }
     }
-    cllm_store_rows(y, bias, step, acc, R);
+}
+
+/* A tile of Q8 products: the weight rows r * step (r < RO) by the activation rows m < RM, nb
+ * blocks each, the activations in tile order (block b of row m at x[(b RM + m) 32], see
+ * cllm_q8_quantize_activations), so that a block's rows are adjacent and addressed by
+ * constants. RO and RM are constants at each call, so that the loops unroll and the
+ * accumulators stay in registers. Each output's lanes accumulate over the blocks in order,
+ * whatever the tile's shape: the bits depend on the output's inputs alone. The absolute value
+ * is taken of the operand that the tile shares the most. */
+CLLM_INLINE void cllm_q8_tile(float *y, long ldy, const float *bias, long step,
+                              const int8_t *xq, const float *xs, const int8_t *wq,
+                              const float *ws, int nb, int RO, int RM) {
+    cllm_f8 acc[CLLM_TILE_ACC];
+    for (int t = 0; t < RO * RM; t++) acc[t] = cllm_f8_zero();
+    for (int b0 = 0; b0 < nb; b0 += CLLM_SCALE_BLOCKS) {
+        int n = nb - b0 < CLLM_SCALE_BLOCKS ? nb - b0 : CLLM_SCALE_BLOCKS;
+        /* the scales of the products, ws[r, b] xs[m, b], a vector at a time, read back one
+         * by one as broadcasts from memory (load instructions, not arithmetic) */
+        float d[CLLM_SCALE_BLOCKS][CLLM_TILE_ACC];
+        for (int b = 0; b < n; b++)
+            for (int r = 0; r < RO; r++) {
+                float wsr = ws[r * step * nb + b0 + b];
+                const float *xsb = xs + (b0 + b) * RM;
+                #pragma omp simd
+                for (int m = 0; m < RM; m++) d[b][r * RM + m] = wsr * xsb[m];
+            }
+        for (int b = 0; b < n; b++) {
+            const int8_t *xb = xq + (long)(b0 + b) * RM * CLLM_QK;
+            cllm_q8v w[CLLM_ROWS], x[CLLM_MROWS], a[CLLM_TILE_ACC];
+            for (int r = 0; r < RO; r++) {
+                w[r] = cllm_q8_load(wq + (r * step * nb + b0 + b) * CLLM_QK);
+                if (RO < RM) a[r] = cllm_q8_abs(w[r]);
+            }
+            for (int m = 0; m < RM; m++) {
+                x[m] = cllm_q8_load(xb + m * CLLM_QK);
+                if (RO >= RM) a[m] = cllm_q8_abs(x[m]);
+            }
+            for (int r = 0; r < RO; r++)
+                for (int m = 0; m < RM; m++) {
+                    cllm_i8 s = RO >= RM ? cllm_q8_dot(a[m], x[m], w[r])
+                                         : cllm_q8_dot(a[r], w[r], x[m]);
+                    acc[r * RM + m] = cllm_q8_accumulate(acc[r * RM + m],
+                                                         cllm_f8_set1(d[b][r * RM + m]), s);
+                }
+        }
+    }
+    cllm_store_tile(y, ldy, bias, step, acc, RO, RM);
+}
+
+/* The same for bf16 rows (wb) or float32 rows (wf, when not NULL) of IC elements, activation
+ * rows IC apart. The last IC mod 8 go through zero-padded copies, whose products add +0 to
+ * the lanes, the same on every path. */
+CLLM_INLINE void cllm_float_tile(float *y, long ldy, const float *bias, long step,
+                                 const float *x, const uint16_t *wb, const float *wf, int IC,
+                                 int RO, int RM) {
+    cllm_f8 acc[CLLM_TILE_ACC];
+    for (int t = 0; t < RO * RM; t++) acc[t] = cllm_f8_zero();
+    int i = 0;
+    for (; i + 8 <= IC; i += 8) {
+        cllm_f8 w[CLLM_ROWS];
+        for (int r = 0; r < RO; r++)
+            w[r] = wf ? cllm_f8_load(wf + r * step * IC + i)
+                      : cllm_bf16_load(wb + r * step * IC + i);
+        for (int m = 0; m < RM; m++) {
+            cllm_f8 xv = cllm_f8_load(x + m * IC + i);
+            for (int r = 0; r < RO; r++) acc[r * RM + m] = cllm_f8_fma(acc[r * RM + m], xv, w[r]);
+        }
+    }
+    if (i < IC) {
+        cllm_f8 w[CLLM_ROWS];
+        for (int r = 0; r < RO; r++) {
+            uint16_t bt[8] = {0};
+            float ft[8] = {0.0f};
+            if (wf)
+                memcpy(ft, wf + r * step * IC + i, (IC - i) * sizeof(float));
+            else
+                memcpy(bt, wb + r * step * IC + i, (IC - i) * sizeof(uint16_t));
+            w[r] = wf ? cllm_f8_load(ft) : cllm_bf16_load(bt);
+        }
+        for (int m = 0; m < RM; m++) {
+            float xt[8] = {0.0f};
+            memcpy(xt, x + m * IC + i, (IC - i) * sizeof(float));
+            cllm_f8 xv = cllm_f8_load(xt);
+            for (int r = 0; r < RO; r++) acc[r * RM + m] = cllm_f8_fma(acc[r * RM + m], xv, w[r]);
+        }
+    }
+    cllm_store_tile(y, ldy, bias, step, acc, RO, RM);
 }
 
 /* The operands of a product: Q8 weights and activations when q8 is set, else bf16 weights (w)
@@ -213,49 +320,68 @@ typedef struct {
     int IC;
 } cllm_operands;
 
-/* y[m, o + r step], r < R */
-CLLM_INLINE void cllm_group(const cllm_operands *p, float *y, long ldy, const float *bias,
-                            long step, int m, int o, int R) {
-    float *ym = y + m * ldy + o;
+/* The tile of y[m0 + m, o + r step], r < RO, m < RM */
+CLLM_INLINE void cllm_tile(const cllm_operands *p, float *y, long ldy, const float *bias,
+                           long step, int m0, int o, int RO, int RM) {
+    float *ym = y + m0 * ldy + o;
     const float *b = bias ? bias + o : NULL;
     if (p->q8) {
         int nb = p->K / CLLM_QK;
-        cllm_q8_rows(ym, b, step, p->xq + (long)m * p->K, p->xs + (long)m * nb,
-                     p->wq + (long)o * p->K, p->ws + (long)o * nb, nb, R);
+        cllm_q8_tile(ym, ldy, b, step, p->xq + (long)m0 * p->K, p->xs + (long)m0 * nb,
+                     p->wq + (long)o * p->K, p->ws + (long)o * nb, nb, RO, RM);
     } else {
-        cllm_float_rows(ym, b, step, p->x + (long)m * p->IC,
+        cllm_float_tile(ym, ldy, b, step, p->x + (long)m0 * p->IC,
                         p->w ? p->w + (long)o * p->IC : NULL,
-                        p->wf ? p->wf + (long)o * p->IC : NULL, p->IC, R);
+                        p->wf ? p->wf + (long)o * p->IC : NULL, p->IC, RO, RM);
+    }
+}
+
+/* One output row o by the activation rows [m0, m0 + RM), RM <= CLLM_MROWS: a constant shape
+ * for each count, so that every tile is unrolled. */
+CLLM_INLINE void cllm_row_tile(const cllm_operands *p, float *y, long ldy, const float *bias,
+                               int m0, int o, int RM) {
+    switch (RM) {
+        case 1: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 1); break;
+        case 2: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 2); break;
+        case 3: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 3); break;
+        case 4: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 4); break;
+        case 5: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 5); break;
+        case 6: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 6); break;
+        case 7: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, 7); break;
+        default: cllm_tile(p, y, ldy, bias, 0, m0, o, 1, CLLM_MROWS); break;
     }
 }
 
 /* The loop nest of both products, over the output rows [o0, o1) and the activation rows
- * [0, M). The rows are cut into CLLM_ROWS slices of S rows, and a group of rows computed
- * together takes the same row of each slice: the weights are then read as CLLM_ROWS streams far
- * apart, each with its own hardware prefetcher, which draws more from memory than one stream
- * (12-16 GB/s against 8-9 on one core of the AMD EPYC it was measured on, where software
- * prefetching added nothing). A tile of CLLM_TILE rows is run over every activation row before
- * the next tile: it stays in L1/L2 while the activations stream, so a large M reads the weights
- * from memory once, and M = 1 is a plain sweep of the slices. */
+ * [0, M). The rows are cut into CLLM_ROWS slices of S rows, and the rows are taken in the
+ * order k, k + S, k + 2S, ... for k = 0, 1, ...: the weights are then read as CLLM_ROWS
+ * streams far apart, each with its own hardware prefetcher, which draws more from memory than
+ * one stream (12-16 GB/s against 8-9 on one core of the AMD EPYC it was measured on, where
+ * software prefetching added nothing). One activation row (a step) takes the CLLM_ROWS rows of
+ * step k as one tile; several (a batch, a prompt) run each weight row, read once into the
+ * cache, over all of them in tiles of CLLM_MROWS. */
 CLLM_INLINE void cllm_matmul_rows(const cllm_operands *p, float *y, long ldy, const float *bias,
                                   int M, int o0, int o1) {
-    const int steps = CLLM_TILE / CLLM_ROWS;           /* groups in a tile */
     int S = (o1 - o0 + CLLM_ROWS - 1) / CLLM_ROWS;
     int full = o1 - o0 - (CLLM_ROWS - 1) * S;          /* the steps with a row in every slice */
-    for (int k0 = 0; k0 < S; k0 += steps) {
-        int k1 = k0 + steps < S ? k0 + steps : S;
-        for (int m = 0; m < M; m++)
-            for (int k = k0; k < k1; k++) {
-                if (k < full)
-                    cllm_group(p, y, ldy, bias, S, m, o0 + k, CLLM_ROWS);
-                else
-                    for (int o = o0 + k; o < o1; o += S) cllm_group(p, y, ldy, bias, S, m, o, 1);
-            }
+    for (int k = 0; k < S; k++) {
+        if (M == 1 && k < full) {
+            cllm_tile(p, y, ldy, bias, S, 0, o0 + k, CLLM_ROWS, 1);
+            continue;
+        }
+        if (M == 1)
+            for (int o = o0 + k; o < o1; o += S) cllm_tile(p, y, ldy, bias, 0, 0, o, 1, 1);
     }
+    if (M > 1)
+        for (int o = o0; o < o1; o++)
+            for (int m0 = 0; m0 < M; m0 += CLLM_MROWS)
+                cllm_row_tile(p, y, ldy, bias, m0, o,
+                              M - m0 < CLLM_MROWS ? M - m0 : CLLM_MROWS);
 }
 
 /* y[m * ldy + o] = bias[o] + sum over blocks b of (ws[o, b] xs[m, b]) * (int32 dot product of
- * block b of rows o of wq and m of xq), for o in [o0, o1) and m in [0, M); bias may be NULL. */
+ * block b of rows o of wq and m of xq), for o in [o0, o1) and m in [0, M); bias may be NULL.
+ * xq and xs hold the activations in tile order (cllm_q8_quantize_activations). */
 CLLM_NOINLINE void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq,
                                   const float *xs, int M, const int8_t *wq, const float *ws,
                                   int K, int o0, int o1) {
@@ -286,32 +412,59 @@ static inline float cllm_q8_clamp(float v) {
     return v > -127.0f ? v : -127.0f;
 }
 
-/* x (M, IC) -> q (M, K), scale (M, K / 32), K = IC rounded up to 32: per block, scale =
- * amax / 127 and q = x / scale rounded to nearest even (nearbyintf in the default rounding
- * mode), so that +-amax becomes +-127. A true division, not a product by 1 / scale: each q is
- * then exactly specified by IEEE arithmetic. A block whose scale is 0 (all zero) has q = 0.
- * One plain C path for weights and activations alike (it costs O(M IC), next to the O(M IC OC)
- * product), so that a quantized matrix is the same on every machine. */
+/* One block: the n <= 32 values x (zero padded) -> q[0:32], *scale = amax / 127, and
+ * q = x / scale rounded to nearest even (nearbyintf in the default rounding mode), so that
+ * +-amax becomes +-127. A true division, not a product by 1 / scale: each q is then exactly
+ * specified by IEEE arithmetic. A block whose scale is 0 (all zero) has q = 0. One plain C
+ * path for weights and activations alike (it costs O(M IC), next to the O(M IC OC) product),
+ * so that a quantized matrix is the same on every machine. */
+static inline void cllm_q8_quantize_block(int8_t *q, float *scale, const float *x, int n) {
+    float v[CLLM_QK] = {0.0f};
+    memcpy(v, x, n * sizeof(float));
+    float amax = 0.0f;
+    #pragma omp simd reduction(max:amax)
+    for (int i = 0; i < CLLM_QK; i++) amax = amax > fabsf(v[i]) ? amax : fabsf(v[i]);
+    float s = amax / 127.0f;
+    *scale = s;
+    #pragma omp simd
+    for (int i = 0; i < CLLM_QK; i++)
+        q[i] = (int8_t)(s != 0.0f ? cllm_q8_clamp(nearbyintf(v[i] / s)) : 0.0f);
+}
+
+/* Row m of x (M, IC), block b: where it goes in the tile order of the activations of a
+ * product (rows in groups of CLLM_MROWS, within a group block-major): (m0 nb + b RM + m - m0)
+ * for the group m0 of RM rows; rows = 1 gives the plain row order (m nb + b). */
+static inline long cllm_q8_block_index(int m, int b, int M, int nb, int rows) {
+    int m0 = m / rows * rows, RM = M - m0 < rows ? M - m0 : rows;
+    return (long)m0 * nb + (long)b * RM + (m - m0);
+}
+
+/* x (M, IC) -> blocks of q, one scale each, K = IC rounded up to 32, block (m, b) at
+ * cllm_q8_block_index(m, b, M, K / 32, rows): rows 1 for a matrix, q (M, K) and
+ * scale (M, K / 32). */
+static inline void cllm_q8_quantize_blocks(int8_t *q, float *scale, const float *x, int M,
+                                           int IC, int K, int rows) {
+    int nb = K / CLLM_QK;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < nb; b++) {
+            int n = IC - b * CLLM_QK;
+            long at = cllm_q8_block_index(m, b, M, nb, rows);
+            cllm_q8_quantize_block(q + at * CLLM_QK, scale + at, x + (long)m * IC + b * CLLM_QK,
+                                   n < 0 ? 0 : n > CLLM_QK ? CLLM_QK : n);
+        }
+}
+
+/* A matrix x (M, IC) -> q (M, K), scale (M, K / 32), rows in order. */
 static inline void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC,
                                          int K) {
-    int nb = K / CLLM_QK;
-    for (int m = 0; m < M; m++) {
-        for (int b = 0; b < nb; b++) {
-            float v[CLLM_QK] = {0.0f};
-            int n = IC - b * CLLM_QK;
-            n = n < 0 ? 0 : n > CLLM_QK ? CLLM_QK : n;
-            memcpy(v, x + (long)m * IC + b * CLLM_QK, n * sizeof(float));
-            float amax = 0.0f;
-            #pragma omp simd reduction(max:amax)
-            for (int i = 0; i < CLLM_QK; i++) amax = amax > fabsf(v[i]) ? amax : fabsf(v[i]);
-            float s = amax / 127.0f;
-            int8_t *qb = q + (long)m * K + b * CLLM_QK;
-            scale[(long)m * nb + b] = s;
-            #pragma omp simd
-            for (int i = 0; i < CLLM_QK; i++)
-                qb[i] = (int8_t)(s != 0.0f ? cllm_q8_clamp(nearbyintf(v[i] / s)) : 0.0f);
-        }
-    }
+    cllm_q8_quantize_blocks(q, scale, x, M, IC, K, 1);
+}
+
+/* The activations of a product (M rows of IC): the same blocks in the tile order that
+ * cllm_q8_matmul reads. */
+static inline void cllm_q8_quantize_activations(int8_t *q, float *scale, const float *x, int M,
+                                                int IC, int K) {
+    cllm_q8_quantize_blocks(q, scale, x, M, IC, K, CLLM_MROWS);
 }
 
 /* One row (IC values) back to float32: the embedding of a token from a Q8 table. */
