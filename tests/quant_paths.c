@@ -51,7 +51,7 @@ int main(void) {
                 float *y = malloc((long)M * OC * sizeof(float)), *wf = malloc(IC * sizeof(float));
                 float *z = malloc((long)M * OC * sizeof(float));
                 uint16_t *wb = malloc((long)OC * IC * sizeof(uint16_t));
-                cllm_q8_quantize_activations(xq, xs, x, M, IC, K);
+                for (int m = 0; m < M; m++) cllm_q8_quantize_activation(xq, xs, x, M, IC, K, m);
                 cllm_q8_quantize_rows(wq, ws, w, OC, IC, K);
                 put(xq, (long)M * K);
                 put(xs, (long)M * nb * sizeof(float));

@@ -46,7 +46,6 @@ cdef extern from "vecmath.h" nogil:
     void cllm_gelu_backward_inplace(float *dout, const float *inp, int n)
     void cllm_row_axpy(float *y, const float *x, int n, float a)
     void cllm_row_add(float *y, const float *x, long n)
-    void cllm_matvec_accumulate(float *y, const float *x, const float *w, int OC, int i0, int i1)
     void cllm_adamw_range(float *p, const float *g, float *m, float *v, long n, float lr,
                           float beta1, float beta2, float eps, float decay, float grad_scale,
                           float bc1, float bc2)
@@ -54,8 +53,8 @@ cdef extern from "vecmath.h" nogil:
 cdef extern from "quant.h" nogil:
     enum: CLLM_QK
     void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC, int K)
-    void cllm_q8_quantize_activations(int8_t *q, float *scale, const float *x, int M, int IC,
-                                      int K)
+    void cllm_q8_quantize_activation(int8_t *q, float *scale, const float *x, int M, int IC,
+                                     int K, int m)
     void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq, const float *xs,
                         int M, const int8_t *wq, const float *ws, int K, int o0, int o1)
     void cllm_bf16_round(uint16_t *out, const float *x, long n)
@@ -64,6 +63,8 @@ cdef extern from "quant.h" nogil:
     void cllm_bf16_matmul(float *y, long ldy, const float *bias, const float *x, int M, int IC,
                           const uint16_t *w, int o0, int o1)
     void cllm_q8_dequantize_row(float *out, const int8_t *q, const float *scale, int IC)
+    void cllm_matvec_accumulate(float *y, long ldy, const float *x, long ldx, int M,
+                                const float *w, long ldw, int n, int i0, int i1)
     void cllm_bf16_to_float(float *out, const uint16_t *w, long n)
 
 # Per-layer tensors, indices into a row of the owner's layer-offset table; LAYER_TENSOR_NAMES
@@ -1340,18 +1341,20 @@ cdef void rows_product(float *y, const float *x, int M, const Matrix *m, int8_t 
     of the product. The outputs are cut into LINEAR_BLOCKS blocks that the threads take as
     they come free (a thread that shares its core with another process then holds up one
     block, not a fixed share of the work)."""
-    cdef int c, o0, o1
-    if m.format == FORMAT_INT8:
-        cllm_q8_quantize_activations(xq, xs, x, M, m.IC, m.K)
-    for c in prange(LINEAR_BLOCKS, num_threads=threads, schedule="dynamic"):
-        o0 = m.OC * c // LINEAR_BLOCKS
-        o1 = m.OC * (c + 1) // LINEAR_BLOCKS
+    cdef int c, o0, o1, r
+    with parallel(num_threads=threads):
         if m.format == FORMAT_INT8:
-            cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K, o0, o1)
-        elif m.format == FORMAT_BF16:
-            cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, o0, o1)
-        else:
-            cllm_f32_matmul(y, m.OC, m.bias, x, M, m.IC, m.f32_rows, o0, o1)
+            for r in prange(M, schedule="static"):
+                cllm_q8_quantize_activation(xq, xs, x, M, m.IC, m.K, r)
+        for c in prange(LINEAR_BLOCKS, schedule="dynamic"):
+            o0 = m.OC * c // LINEAR_BLOCKS
+            o1 = m.OC * (c + 1) // LINEAR_BLOCKS
+            if m.format == FORMAT_INT8:
+                cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K, o0, o1)
+            elif m.format == FORMAT_BF16:
+                cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, o0, o1)
+            else:
+                cllm_f32_matmul(y, m.OC, m.bias, x, M, m.IC, m.f32_rows, o0, o1)
 
 
 def quantize_q8(const float[:, ::1] x):
@@ -1556,6 +1559,17 @@ cdef class Weights:
             raise ValueError(f"{self.format} matrix {i}: shape {got}, expected {expected}")
 
 
+cdef bint is_prompt_block(const int32_t *seqs, const int32_t *pos, int M) noexcept nogil:
+    """Whether rows are consecutive positions of one sequence (a prompt), read as one block"""
+    cdef int r
+    if M < 2:
+        return False
+    for r in range(1, M):
+        if seqs[r] != seqs[0] or pos[r] != pos[0] + r:
+            return False
+    return True
+
+
 cdef class Decoder:
     """Generation state of `batch` sequences: the key/value cache of every layer of each for
     the whole context, allocated once, and the scratch of up to MAX_ROWS token rows. `rows`
@@ -1581,7 +1595,7 @@ cdef class Decoder:
     cdef float[::1] mean, rstd                  # (MAX_ROWS)
     cdef int8_t[::1] xq                         # int8 activation rows (MAX_ROWS * max K)
     cdef float[::1] xs                          # their scales
-    cdef float[:, ::1] partial                  # (MATVEC_BLOCKS, max(3C, F, V)) block sums
+    cdef float[:, ::1] partial                  # (MATVEC_BLOCKS, FEW_ROWS * max(3C, F)) sums
     cdef float[:, ::1] scores                   # (threads, MAX_ROWS * n_ctx) attention
     cdef float[:, ::1] tiles                    # (threads, TILE * max(C, F)) weights in float32
     cdef float[::1] x_int8                      # (M, IC) int8 activations back in float32
@@ -1607,7 +1621,7 @@ cdef class Decoder:
         widest = q8_width(max(d.C, d.F))
         self.xq = np.zeros(rows * widest, np.int8)
         self.xs = np.zeros(rows * widest // CLLM_QK, np.float32)
-        self.partial = np.zeros((MATVEC_BLOCKS, max(3 * d.C, d.F, d.V)), np.float32)
+        self.partial = np.zeros((MATVEC_BLOCKS, FEW_ROWS * max(3 * d.C, d.F)), np.float32)
         self.scores = np.zeros((threads, MAX_ROWS * d.n_ctx), np.float32)
         self.tiles = np.zeros((threads, TILE * max(d.C, d.F)), np.float32)
         self.x_int8 = np.zeros(rows * max(d.C, d.F), np.float32)
@@ -1628,44 +1642,49 @@ cdef class Decoder:
             raise ValueError(f"threads must lie in [1, {self.most_threads}], got {n}")
         self.active_threads = n
 
-    cdef void matvec(self, float *out, const float *x, const Matrix *m) noexcept nogil:
-        """out (OC) = x (IC) @ W + b, float32 W (IC, OC). The rows of W are cut into
-        MATVEC_BLOCKS fixed blocks, shared among the threads, each summed into its own partial
-        vector; the partials are then added in block order, so the result is the same for
-        every thread count."""
-        cdef int blk, IC = m.IC, OC = m.OC
+    cdef void matvec(self, float *y, const float *x, int M, const Matrix *m) noexcept nogil:
+        """y (M, OC) = x (M, IC) @ W + b, float32 W (IC, OC), M <= FEW_ROWS. The rows of W are
+        cut into MATVEC_BLOCKS fixed blocks, shared among the threads, each read as one stream
+        for all M rows into partial sums of its own; the partials are then added in block
+        order, so every output is the same for every thread count and whatever rows are
+        computed with it."""
+        cdef int blk, r, IC = m.IC, OC = m.OC
+        cdef Py_ssize_t size = <Py_ssize_t>M * OC
         for blk in prange(MATVEC_BLOCKS, num_threads=self.active_threads, schedule="dynamic"):
-            memset(&self.partial[blk, 0], 0, OC * sizeof(float))
-            cllm_matvec_accumulate(&self.partial[blk, 0], x, m.f32, OC,
+            memset(&self.partial[blk, 0], 0, size * sizeof(float))
+            # partial[blk] (M, OC) = x[:, i0:i1] @ W[i0:i1]
+            cllm_matvec_accumulate(&self.partial[blk, 0], OC, x, IC, M, m.f32, OC, OC,
                                    IC * blk // MATVEC_BLOCKS, IC * (blk + 1) // MATVEC_BLOCKS)
-        if m.bias != NULL:
-            memcpy(out, m.bias, OC * sizeof(float))
-        else:
-            memset(out, 0, OC * sizeof(float))
+        self.start_rows(y, M, m)
         for blk in range(MATVEC_BLOCKS):
-            cllm_row_add(out, &self.partial[blk, 0], OC)
+            cllm_row_add(y, &self.partial[blk, 0], size)
 
-    cdef void linear(self, float *y, const float *x, int M, const Matrix *m) noexcept nogil:
-        """y (M, OC) = x (M, IC) @ W + bias. Up to FEW_ROWS rows (a step, a batch) are bound
-        by reading the weights: each is read once for all rows, in its own format (one
-        float32 row through the streaming matvec). More rows (a prompt) are bound by
-        arithmetic: tiles of at most TILE output rows, their weights in float32, go through
-        BLAS. Outputs are cut into blocks that the threads take as they come free (a thread
-        that shares its core with another process then holds up one block, not a fixed share
-        of the work); where they are cut depends on M and the matrix alone."""
-        cdef int blk, blocks, o0, o1, r, o
-        cdef float *tile
-        if m.f32 != NULL and M == 1:
-            self.matvec(y, x, m)
-            return
-        if m.f32 == NULL and M <= FEW_ROWS:
-            rows_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
-            return
+    cdef void start_rows(self, float *y, int M, const Matrix *m) noexcept nogil:
+        """y (M, OC) = the bias of m, or 0"""
+        cdef int r
         for r in range(M):
             if m.bias != NULL:
                 memcpy(y + <Py_ssize_t>r * m.OC, m.bias, m.OC * sizeof(float))
             else:
                 memset(y + <Py_ssize_t>r * m.OC, 0, m.OC * sizeof(float))
+
+    cdef void linear(self, float *y, const float *x, int M, const Matrix *m) noexcept nogil:
+        """y (M, OC) = x (M, IC) @ W + bias. Up to FEW_ROWS rows (a step, a batch): each
+        weight is read once for all rows, in its own format, by kernels whose every output has
+        the bits it has alone. More rows (a prompt) are bound by arithmetic: tiles of at most
+        TILE output rows, their weights in float32, go through BLAS. Outputs are cut into
+        blocks that the threads take as they come free (a thread that shares its core with
+        another process then holds up one block, not a fixed share of the work); where they
+        are cut depends on M and the matrix alone."""
+        cdef int blk, blocks, o0, o1, r, o
+        cdef float *tile
+        if M <= FEW_ROWS:
+            if m.f32 != NULL:
+                self.matvec(y, x, M, m)
+            else:
+                rows_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
+            return
+        self.start_rows(y, M, m)
         if m.format == FORMAT_INT8:
             # int8 products take int8 activations: x's rows rounded as one row's would be
             for r in prange(M, num_threads=self.active_threads, schedule="static"):
@@ -1676,8 +1695,7 @@ cdef class Decoder:
                                        &self.xq[<Py_ssize_t>r * m.K],
                                        &self.xs[r * (m.K // CLLM_QK)], m.IC)
             x = &self.x_int8[0]
-        # few float32 rows: BLAS calls as large as the threads allow
-        blocks = LINEAR_BLOCKS if M <= FEW_ROWS else (m.OC + TILE - 1) // TILE
+        blocks = (m.OC + TILE - 1) // TILE
         for blk in prange(blocks, num_threads=self.active_threads, schedule="dynamic"):
             o0 = m.OC * blk // blocks
             o1 = m.OC * (blk + 1) // blocks
@@ -1802,10 +1820,7 @@ cdef class Decoder:
         cdef float *x = &self.x[0, 0]
         cdef float *ln = &self.ln[0, 0]
         cdef float *qkv = &self.qkv[0, 0]
-        # rows at consecutive positions of one sequence: a prompt
-        cdef bint block = M > 1
-        for r in range(1, M):
-            block = block and seqs[r] == seqs[0] and pos[r] == pos[0] + r
+        cdef bint block = is_prompt_block(seqs, pos, M)
         for r in range(M):
             self.embed(x + r * C, tokens[r], pos[r])
         for l in range(d.L):
@@ -1866,8 +1881,10 @@ cdef class Decoder:
                 raise ValueError(f"rows: out_rows holds {out_rows[r]}, not a row")
         if R == 0:
             return
-        # one row calls no BLAS, and a step is too short to pay for limiting its threads
-        with blas_single_threaded() if M > 1 else nullcontext():
+        # BLAS runs for a prompt's attention and for more than FEW_ROWS rows only; a step or
+        # a batch is too short to pay for limiting its threads
+        uses_blas = M > FEW_ROWS or is_prompt_block(&seqs[0], &positions[0], M)
+        with blas_single_threaded() if uses_blas else nullcontext():
             with nogil:
                 self.run_rows(&tokens[0], &seqs[0], &positions[0], M, &out_rows[0], R,
                               &logits[0, 0])

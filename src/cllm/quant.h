@@ -222,7 +222,7 @@ CLLM_INLINE void cllm_store_tile(float *y, long ldy, const float *bias, long ste
 
 /* A tile of Q8 products: the weight rows r * step (r < RO) by the activation rows m < RM, nb
  * blocks each, the activations in tile order (block b of row m at x[(b RM + m) 32], see
- * cllm_q8_quantize_activations), so that a block's rows are adjacent and addressed by
+ * cllm_q8_quantize_activation), so that a block's rows are adjacent and addressed by
  * constants. RO and RM are constants at each call, so that the loops unroll and the
  * accumulators stay in registers. Each output's lanes accumulate over the blocks in order,
  * whatever the tile's shape: the bits depend on the output's inputs alone. The absolute value
@@ -381,7 +381,7 @@ CLLM_INLINE void cllm_matmul_rows(const cllm_operands *p, float *y, long ldy, co
 
 /* y[m * ldy + o] = bias[o] + sum over blocks b of (ws[o, b] xs[m, b]) * (int32 dot product of
  * block b of rows o of wq and m of xq), for o in [o0, o1) and m in [0, M); bias may be NULL.
- * xq and xs hold the activations in tile order (cllm_q8_quantize_activations). */
+ * xq and xs hold the activations in tile order (cllm_q8_quantize_activation). */
 CLLM_NOINLINE void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq,
                                   const float *xs, int M, const int8_t *wq, const float *ws,
                                   int K, int o0, int o1) {
@@ -402,6 +402,42 @@ CLLM_NOINLINE void cllm_f32_matmul(float *y, long ldy, const float *bias, const 
                                    int M, int IC, const float *w, int o0, int o1) {
     cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, NULL, w, x, IC};
     cllm_matmul_rows(&p, y, ldy, bias, M, o0, o1);
+}
+
+/* ---- float32 matrices in the training layout, W (IC, OC): the layers of a float32 model ----
+ *
+ * Walking whole rows of W in order reads it as one stream, which the hardware prefetchers
+ * serve at full speed (about three times faster here than dot products along the rows of the
+ * transposed matrix, and several times faster than columns strips, whose every row is another
+ * page); four rows of W share each load and store of y, and rows of x reuse them from L1.
+ * The operations are written out rather than left to the compiler's contraction, so that they
+ * are the same on every path: for each four rows of W, t = x0 w0 (rounded), then
+ * t = fma(x1, w1, t), fma(x2, w2, t), fma(x3, w3, t), and y = t + y; a last row alone,
+ * y = fma(x0, w0, y). */
+
+/* y[m, 0:n] += sum over i in [i0, i1) of x[m, i] * w[i, 0:n] for the rows m < M (y's rows ldy
+ * apart, x's ldx, w's ldw) */
+static inline void cllm_matvec_accumulate(float *y, long ldy, const float *x, long ldx, int M,
+                                          const float *w, long ldw, int n, int i0, int i1) {
+    int i = i0;
+    for (; i + 4 <= i1; i += 4) {
+        const float *w0 = w + (long)i * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+        for (int m = 0; m < M; m++) {
+            const float *xm = x + m * ldx;
+            float x0 = xm[i], x1 = xm[i + 1], x2 = xm[i + 2], x3 = xm[i + 3], *ym = y + m * ldy;
+            #pragma omp simd
+            for (int j = 0; j < n; j++)
+                ym[j] = fmaf(x3, w3[j], fmaf(x2, w2[j], fmaf(x1, w1[j], x0 * w0[j]))) + ym[j];
+        }
+    }
+    for (; i < i1; i++) {
+        const float *w0 = w + (long)i * ldw;
+        for (int m = 0; m < M; m++) {
+            float x0 = x[m * ldx + i], *ym = y + m * ldy;
+            #pragma omp simd
+            for (int j = 0; j < n; j++) ym[j] = fmaf(x0, w0[j], ym[j]);
+        }
+    }
 }
 
 /* ---- conversions ---- */
@@ -439,32 +475,30 @@ static inline long cllm_q8_block_index(int m, int b, int M, int nb, int rows) {
     return (long)m0 * nb + (long)b * RM + (m - m0);
 }
 
-/* x (M, IC) -> blocks of q, one scale each, K = IC rounded up to 32, block (m, b) at
- * cllm_q8_block_index(m, b, M, K / 32, rows): rows 1 for a matrix, q (M, K) and
- * scale (M, K / 32). */
-static inline void cllm_q8_quantize_blocks(int8_t *q, float *scale, const float *x, int M,
-                                           int IC, int K, int rows) {
+/* Row m of x (M, IC) -> its blocks of q, one scale each, K = IC rounded up to 32, block b at
+ * cllm_q8_block_index(m, b, M, K / 32, rows). */
+static inline void cllm_q8_quantize_row(int8_t *q, float *scale, const float *x, int M, int IC,
+                                        int K, int rows, int m) {
     int nb = K / CLLM_QK;
-    for (int m = 0; m < M; m++)
-        for (int b = 0; b < nb; b++) {
-            int n = IC - b * CLLM_QK;
-            long at = cllm_q8_block_index(m, b, M, nb, rows);
-            cllm_q8_quantize_block(q + at * CLLM_QK, scale + at, x + (long)m * IC + b * CLLM_QK,
-                                   n < 0 ? 0 : n > CLLM_QK ? CLLM_QK : n);
-        }
+    for (int b = 0; b < nb; b++) {
+        int n = IC - b * CLLM_QK;
+        long at = cllm_q8_block_index(m, b, M, nb, rows);
+        cllm_q8_quantize_block(q + at * CLLM_QK, scale + at, x + (long)m * IC + b * CLLM_QK,
+                               n > CLLM_QK ? CLLM_QK : n);
+    }
 }
 
 /* A matrix x (M, IC) -> q (M, K), scale (M, K / 32), rows in order. */
 static inline void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC,
                                          int K) {
-    cllm_q8_quantize_blocks(q, scale, x, M, IC, K, 1);
+    for (int m = 0; m < M; m++) cllm_q8_quantize_row(q, scale, x, M, IC, K, 1, m);
 }
 
-/* The activations of a product (M rows of IC): the same blocks in the tile order that
+/* Row m of the activations of a product (M rows of IC): its blocks in the tile order that
  * cllm_q8_matmul reads. */
-static inline void cllm_q8_quantize_activations(int8_t *q, float *scale, const float *x, int M,
-                                                int IC, int K) {
-    cllm_q8_quantize_blocks(q, scale, x, M, IC, K, CLLM_MROWS);
+static inline void cllm_q8_quantize_activation(int8_t *q, float *scale, const float *x, int M,
+                                               int IC, int K, int m) {
+    cllm_q8_quantize_row(q, scale, x, M, IC, K, CLLM_MROWS, m);
 }
 
 /* One row (IC values) back to float32: the embedding of a token from a Q8 table. */

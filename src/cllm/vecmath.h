@@ -138,27 +138,4 @@ static inline void cllm_adamw_range(float *p, const float *g, float *m, float *v
     }
 }
 
-/* The matrix-vector product of one token (generation) is bound by reading the weights from
- * memory. Walking whole rows of a row-major (IC, OC) matrix in order reads it as one stream,
- * which the hardware prefetchers serve at full speed (about three times faster here than dot
- * products along the rows of the transposed matrix); four rows share each load and store of y. */
-
-/* y[0:OC] += sum over i in [i0, i1) of x[i] * w[i, 0:OC] */
-static inline void cllm_matvec_accumulate(float *y, const float *x, const float *w, int OC,
-                                          int i0, int i1) {
-    int i = i0;
-    for (; i + 4 <= i1; i += 4) {
-        const float *w0 = w + (long)i * OC, *w1 = w0 + OC, *w2 = w1 + OC, *w3 = w2 + OC;
-        float x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
-        #pragma omp simd
-        for (int j = 0; j < OC; j++) y[j] += x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
-    }
-    for (; i < i1; i++) {
-        const float *w0 = w + (long)i * OC;
-        float x0 = x[i];
-        #pragma omp simd
-        for (int j = 0; j < OC; j++) y[j] += x0 * w0[j];
-    }
-}
-
 #endif
