@@ -1900,8 +1900,8 @@ cdef class Decoder:
         """One step of sequences 0..n-1 together: logits (n, V) after token tokens[i] at
         position positions[i] of sequence i. The returned array is reused by the next call."""
         cdef int n = len(tokens)
-        self.rows(np.asarray(tokens, np.int64), np.arange(n, dtype=np.int32),
-                  np.asarray(positions, np.int32), np.arange(n, dtype=np.int32),
+        self.rows(np.ascontiguousarray(tokens, np.int64), np.arange(n, dtype=np.int32),
+                  np.ascontiguousarray(positions, np.int32), np.arange(n, dtype=np.int32),
                   self.logits[:n])
         return np.asarray(self.logits[:n])
 
