@@ -65,6 +65,8 @@ cdef extern from "quant.h" nogil:
     void cllm_q8_dequantize_row(float *out, const int8_t *q, const float *scale, int IC)
     void cllm_matvec_accumulate(float *y, long ldy, const float *x, long ldx, int M,
                                 const float *w, long ldw, int n, int i0, int i1)
+    void cllm_weighted_rows(float *y, const float *a, const float *v, long ldv,
+                            const int32_t *rows, int count, int n)
     void cllm_bf16_to_float(float *out, const uint16_t *w, long n)
 
 # Per-layer tensors, indices into a row of the owner's layer-offset table; LAYER_TENSOR_NAMES
@@ -1742,7 +1744,7 @@ cdef class Decoder:
         cdef int C = self.d.C, H = self.d.H, hd = C // H
         cdef int n_ctx = self.d.n_ctx
         cdef int i, r, h, j, n, e
-        cdef float scale = 1.0 / sqrtf(hd), mx, inv, dot
+        cdef float scale = 1.0 / sqrtf(hd), mx, dot
         cdef float *s
         cdef float *y
         cdef const float *q
@@ -1774,11 +1776,9 @@ cdef class Decoder:
                         dot = dot + q[e] * keys[<Py_ssize_t>e * n_ctx + key[j]]
                     s[j] = scale * dot
             mx = cllm_row_max(s, n)
-            inv = <float>(1.0 / cllm_row_exp_sum(s, n, mx))
-            memset(y, 0, hd * sizeof(float))
-            for j in range(n):
-                cllm_row_axpy(y, values + <Py_ssize_t>(key[j] if key else j) * C, hd,
-                              s[j] * inv)
+            cllm_row_scale(s, n, <float>(1.0 / cllm_row_exp_sum(s, n, mx)))
+            # y = sum over the attended positions j of s[j] v[j]
+            cllm_weighted_rows(y, s, values, C, key, n, hd)
 
     cdef void attend_block(self, int l, int seq, int p0, int M) noexcept nogil:
         """atty for rows at positions p0..p0+M-1 of one sequence with dense attention (a

@@ -80,6 +80,7 @@ static inline cllm_f8 cllm_f8_zero(void) { return _mm256_setzero_ps(); }
 CLLM_INLINE cllm_f8 cllm_f8_set1(float v) { return _mm256_set1_ps(v); }
 CLLM_INLINE cllm_f8 cllm_f8_mul(cllm_f8 a, cllm_f8 b) { return _mm256_mul_ps(a, b); }
 CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) { return _mm256_loadu_ps(p); }
+CLLM_INLINE void cllm_f8_store(float *p, cllm_f8 v) { _mm256_storeu_ps(p, v); }
 
 /* 8 bf16 as float32: a bf16 is the top half of its float32 */
 CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
@@ -149,6 +150,8 @@ CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) {
     memcpy(r.l, p, sizeof r.l);
     return r;
 }
+
+CLLM_INLINE void cllm_f8_store(float *p, cllm_f8 v) { memcpy(p, v.l, sizeof v.l); }
 
 CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
     cllm_f8 r;
@@ -437,6 +440,37 @@ static inline void cllm_matvec_accumulate(float *y, long ldy, const float *x, lo
             #pragma omp simd
             for (int j = 0; j < n; j++) ym[j] = fmaf(x0, w0[j], ym[j]);
         }
+    }
+}
+
+/* ---- attention ---- */
+
+/* y[0:n] = sum over j < count, in order, of a[j] v[r_j, 0:n], r_j = rows[j] (or j when rows is
+ * NULL), v's rows ldv apart: a head's output as the weighted sum of its cached values. Eight
+ * lanes at a time stay in registers over all the rows, each step one FMA, as the plain loop
+ * y[e] += a[j] v[r_j, e] would do through memory. */
+static inline void cllm_weighted_rows(float *y, const float *a, const float *v, long ldv,
+                                      const int32_t *rows, int count, int n) {
+    int e = 0;
+    for (; e + 32 <= n; e += 32) {
+        cllm_f8 acc[4] = {cllm_f8_zero(), cllm_f8_zero(), cllm_f8_zero(), cllm_f8_zero()};
+        for (int j = 0; j < count; j++) {
+            const float *vj = v + (rows ? rows[j] : j) * ldv + e;
+            cllm_f8 aj = cllm_f8_set1(a[j]);
+            for (int k = 0; k < 4; k++) acc[k] = cllm_f8_fma(acc[k], aj, cllm_f8_load(vj + 8 * k));
+        }
+        for (int k = 0; k < 4; k++) cllm_f8_store(y + e + 8 * k, acc[k]);
+    }
+    for (; e + 8 <= n; e += 8) {
+        cllm_f8 acc = cllm_f8_zero();
+        for (int j = 0; j < count; j++)
+            acc = cllm_f8_fma(acc, cllm_f8_set1(a[j]), cllm_f8_load(v + (rows ? rows[j] : j) * ldv + e));
+        cllm_f8_store(y + e, acc);
+    }
+    for (; e < n; e++) {
+        float acc = 0.0f;
+        for (int j = 0; j < count; j++) acc = fmaf(a[j], v[(rows ? rows[j] : j) * ldv + e], acc);
+        y[e] = acc;
     }
 }
 
