@@ -39,6 +39,9 @@
  * sets the speed once the weights no longer stream from memory for a single row. */
 #define CLLM_MROWS 8
 
+/* How far ahead a product of several rows fetches the weight rows it will read */
+#define CLLM_PREFETCH_ROWS 4
+
 /* Register allocation decides the speed of the inner loops: the tile primitives are always
  * inlined, so that their shape is a constant and the accumulators stay in registers, and each
  * product is a function of its own, never inlined, so that its loops are allocated apart from
@@ -356,30 +359,37 @@ CLLM_INLINE void cllm_row_tile(const cllm_operands *p, float *y, long ldy, const
 }
 
 /* The loop nest of both products, over the output rows [o0, o1) and the activation rows
- * [0, M). The rows are cut into CLLM_ROWS slices of S rows, and the rows are taken in the
- * order k, k + S, k + 2S, ... for k = 0, 1, ...: the weights are then read as CLLM_ROWS
- * streams far apart, each with its own hardware prefetcher, which draws more from memory than
- * one stream (12-16 GB/s against 8-9 on one core of the AMD EPYC it was measured on, where
- * software prefetching added nothing). One activation row (a step) takes the CLLM_ROWS rows of
- * step k as one tile; several (a batch, a prompt) run each weight row, read once into the
- * cache, over all of them in tiles of CLLM_MROWS. */
+ * [0, M). One activation row (a step) is bound by memory: the rows are cut into CLLM_ROWS
+ * slices of S rows and taken CLLM_ROWS at a time, one from each slice (k, k + S, k + 2S, ...
+ * for k = 0, 1, ...), so that the weights are read as CLLM_ROWS streams far apart, each with
+ * its own hardware prefetcher, which draws more from memory than one stream (12-16 GB/s
+ * against 8-9 on one core of the AMD EPYC it was measured on, where software prefetching
+ * added nothing). Several rows (a batch, a prompt) are bound by arithmetic: each weight row is
+ * run over all of them in tiles of CLLM_MROWS while it sits in L1, in order, with the row
+ * CLLM_PREFETCH_ROWS ahead fetched meanwhile (the outputs are then written in order too;
+ * slices made the batch slower). */
 CLLM_INLINE void cllm_matmul_rows(const cllm_operands *p, float *y, long ldy, const float *bias,
                                   int M, int o0, int o1) {
-    int S = (o1 - o0 + CLLM_ROWS - 1) / CLLM_ROWS;
-    int full = o1 - o0 - (CLLM_ROWS - 1) * S;          /* the steps with a row in every slice */
-    for (int k = 0; k < S; k++) {
-        if (M == 1 && k < full) {
-            cllm_tile(p, y, ldy, bias, S, 0, o0 + k, CLLM_ROWS, 1);
-            continue;
+    if (M == 1) {
+        int S = (o1 - o0 + CLLM_ROWS - 1) / CLLM_ROWS;
+        int full = o1 - o0 - (CLLM_ROWS - 1) * S;      /* the steps with a row in every slice */
+        for (int k = 0; k < S; k++) {
+            if (k < full)
+                cllm_tile(p, y, ldy, bias, S, 0, o0 + k, CLLM_ROWS, 1);
+            else
+                for (int o = o0 + k; o < o1; o += S) cllm_tile(p, y, ldy, bias, 0, 0, o, 1, 1);
         }
-        if (M == 1)
-            for (int o = o0 + k; o < o1; o += S) cllm_tile(p, y, ldy, bias, 0, 0, o, 1, 1);
+        return;
     }
-    if (M > 1)
-        for (int o = o0; o < o1; o++)
-            for (int m0 = 0; m0 < M; m0 += CLLM_MROWS)
-                cllm_row_tile(p, y, ldy, bias, m0, o,
-                              M - m0 < CLLM_MROWS ? M - m0 : CLLM_MROWS);
+    const char *w = p->q8 ? (const char *)p->wq : p->w ? (const char *)p->w : (const char *)p->wf;
+    long row = p->q8 ? p->K : p->w ? 2L * p->IC : 4L * p->IC;
+    for (int o = o0; o < o1; o++) {
+        if (o + CLLM_PREFETCH_ROWS < o1)
+            for (long b = 0; b < row; b += 64)
+                __builtin_prefetch(w + (o + CLLM_PREFETCH_ROWS) * row + b);
+        for (int m0 = 0; m0 < M; m0 += CLLM_MROWS)
+            cllm_row_tile(p, y, ldy, bias, m0, o, M - m0 < CLLM_MROWS ? M - m0 : CLLM_MROWS);
+    }
 }
 
 /* y[m * ldy + o] = bias[o] + sum over blocks b of (ws[o, b] xs[m, b]) * (int32 dot product of
