@@ -1589,8 +1589,10 @@ cdef class Decoder:
     cdef readonly int batch
     cdef readonly int most_threads            # what the scratch is sized for
     cdef int active_threads
-    # keys transposed, (batch, L, H, hd, n_ctx), so that a row's scores over its positions
-    # are hd vector products along contiguous positions; values (batch, L, n_ctx, C)
+    # keys: with dense attention transposed, (batch, L, H, hd, n_ctx), so that a row's scores
+    # over its positions are hd vector products along contiguous positions; with Ulam
+    # attention, which reads a few scattered positions, by position, (batch, L, H, n_ctx, hd),
+    # each score one dot product of contiguous vectors. Values (batch, L, n_ctx, C).
     cdef float[:, :, :, :, ::1] k_cache
     cdef float[:, :, :, ::1] v_cache
     cdef float[:, ::1] x, ln, qkv, atty, fch    # (MAX_ROWS, C | C | 3C | C | F)
@@ -1610,7 +1612,9 @@ cdef class Decoder:
         self.d = net.d
         self.net, self.w, self.batch = net, weights, batch
         self.active_threads = self.most_threads = threads
-        self.k_cache = np.zeros((batch, d.L, d.H, d.C // d.H, d.n_ctx), np.float32)
+        hd = d.C // d.H
+        self.k_cache = np.zeros((batch, d.L, d.H) + ((d.n_ctx, hd) if d.ulam else (hd, d.n_ctx)),
+                                np.float32)
         self.v_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
         rows = MAX_ROWS
         self.x = np.zeros((rows, d.C), np.float32)
@@ -1744,7 +1748,7 @@ cdef class Decoder:
         cdef int C = self.d.C, H = self.d.H, hd = C // H
         cdef int n_ctx = self.d.n_ctx
         cdef int i, r, h, j, n, e
-        cdef float scale = 1.0 / sqrtf(hd), mx, dot
+        cdef float scale = 1.0 / sqrtf(hd), mx
         cdef float *s
         cdef float *y
         cdef const float *q
@@ -1762,7 +1766,7 @@ cdef class Decoder:
             q = &self.qkv[r, h * hd]
             s = &self.scores[threadid(), 0]
             y = &self.atty[r, h * hd]
-            keys = &self.k_cache[seqs[r], l, h, 0, 0]          # (hd, n_ctx)
+            keys = &self.k_cache[seqs[r], l, h, 0, 0]     # (hd, n_ctx), Ulam (n_ctx, hd)
             values = &self.v_cache[seqs[r], l, 0, h * hd]
             if key == NULL:
                 # s[0:n] = scale * q . K^T, along contiguous positions
@@ -1771,10 +1775,7 @@ cdef class Decoder:
                     cllm_row_axpy(s, keys + <Py_ssize_t>e * n_ctx, n, scale * q[e])
             else:
                 for j in range(n):
-                    dot = 0.0
-                    for e in range(hd):
-                        dot = dot + q[e] * keys[<Py_ssize_t>e * n_ctx + key[j]]
-                    s[j] = scale * dot
+                    s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>key[j] * hd, hd)
             mx = cllm_row_max(s, n)
             cllm_row_scale(s, n, <float>(1.0 / cllm_row_exp_sum(s, n, mx)))
             # y = sum over the attended positions j of s[j] v[j]
@@ -1812,7 +1813,7 @@ cdef class Decoder:
         that sequence holding its earlier positions (or getting them from earlier rows of this
         call). logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, l, r, e
+        cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, e, h
         cdef const Py_ssize_t *o
         cdef const float *p = self.net.p
         cdef const Matrix *m
@@ -1833,11 +1834,16 @@ cdef class Decoder:
                 if d.angular:
                     rotate_qk(qkv + r * 3 * C, d.rot_cos + pos[r] * (C // 2),
                               d.rot_sin + pos[r] * (C // 2), C, 1.0)
-                # the key's element e = (head, dim) goes to position pos[r] of row e of the
-                # sequence's (C, n_ctx) transposed cache
-                key = &self.k_cache[seqs[r], l, 0, 0, pos[r]]
-                for e in range(C):
-                    key[<Py_ssize_t>e * d.n_ctx] = qkv[r * 3 * C + C + e]
+                if d.ulam:
+                    for h in range(d.H):
+                        memcpy(&self.k_cache[seqs[r], l, h, pos[r], 0],
+                               qkv + r * 3 * C + C + h * hd, hd * sizeof(float))
+                else:
+                    # the key's element e = (head, dim) goes to position pos[r] of row e of
+                    # the sequence's (C, n_ctx) transposed cache
+                    key = &self.k_cache[seqs[r], l, 0, 0, pos[r]]
+                    for e in range(C):
+                        key[<Py_ssize_t>e * d.n_ctx] = qkv[r * 3 * C + C + e]
                 memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
                        C * sizeof(float))
             if block and not d.ulam:
