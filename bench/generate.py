@@ -294,6 +294,10 @@ def report(args, config, results: dict, infer: dict, notes: list[str]) -> list[s
     lines += [f"- {note}" for note in notes]
     for fmt in CLLM_FORMATS:
         r = results.get(f"cllm-{fmt}")
+        if r and "batch_s" in r:
+            lines.append(f"- cllm {fmt}: batch {args.batch} gives "
+                         f"{args.batch * r['decode_s'] / r['batch_s']:.2f}x the tokens/s of "
+                         f"batch 1")
         if r:
             lines.append(f"- cllm {fmt} prefill of {LONG_PROMPT_TOKENS} tokens: TTFT "
                          f"{r['ttft_s'] * 1e3:.1f} ms batched, {r['stepwise_s'] * 1e3:.1f} ms "

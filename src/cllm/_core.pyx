@@ -1589,10 +1589,9 @@ cdef class Decoder:
     cdef readonly int batch
     cdef readonly int most_threads            # what the scratch is sized for
     cdef int active_threads
-    # keys: with dense attention transposed, (batch, L, H, hd, n_ctx), so that a row's scores
-    # over its positions are hd vector products along contiguous positions; with Ulam
-    # attention, which reads a few scattered positions, by position, (batch, L, H, n_ctx, hd),
-    # each score one dot product of contiguous vectors. Values (batch, L, n_ctx, C).
+    # keys by head, (batch, L, H, n_ctx, hd): a row's scores are dot products along one
+    # contiguous run of its head's keys (a batch reads every sequence's cache each step, as
+    # much memory as the weights, so it must stream); values (batch, L, n_ctx, C)
     cdef float[:, :, :, :, ::1] k_cache
     cdef float[:, :, :, ::1] v_cache
     cdef float[:, ::1] x, ln, qkv, atty, fch    # (MAX_ROWS, C | C | 3C | C | F)
@@ -1612,9 +1611,7 @@ cdef class Decoder:
         self.d = net.d
         self.net, self.w, self.batch = net, weights, batch
         self.active_threads = self.most_threads = threads
-        hd = d.C // d.H
-        self.k_cache = np.zeros((batch, d.L, d.H) + ((d.n_ctx, hd) if d.ulam else (hd, d.n_ctx)),
-                                np.float32)
+        self.k_cache = np.zeros((batch, d.L, d.H, d.n_ctx, d.C // d.H), np.float32)
         self.v_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
         rows = MAX_ROWS
         self.x = np.zeros((rows, d.C), np.float32)
@@ -1766,16 +1763,11 @@ cdef class Decoder:
             q = &self.qkv[r, h * hd]
             s = &self.scores[threadid(), 0]
             y = &self.atty[r, h * hd]
-            keys = &self.k_cache[seqs[r], l, h, 0, 0]     # (hd, n_ctx), Ulam (n_ctx, hd)
+            keys = &self.k_cache[seqs[r], l, h, 0, 0]          # (n_ctx, hd)
             values = &self.v_cache[seqs[r], l, 0, h * hd]
-            if key == NULL:
-                # s[0:n] = scale * q . K^T, along contiguous positions
-                memset(s, 0, n * sizeof(float))
-                for e in range(hd):
-                    cllm_row_axpy(s, keys + <Py_ssize_t>e * n_ctx, n, scale * q[e])
-            else:
-                for j in range(n):
-                    s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>key[j] * hd, hd)
+            # s[j] = scale * q . k[p_j] over the attended positions p_j (0..n-1 when dense)
+            for j in range(n):
+                s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>(key[j] if key else j) * hd, hd)
             mx = cllm_row_max(s, n)
             cllm_row_scale(s, n, <float>(1.0 / cllm_row_exp_sum(s, n, mx)))
             # y = sum over the attended positions j of s[j] v[j]
@@ -1793,10 +1785,9 @@ cdef class Decoder:
         cdef float *row
         for h in prange(H, num_threads=self.active_threads, schedule="dynamic"):
             S = &self.scores[threadid(), 0]
-            # S (M, n) = scale * Q_h (M, hd; rows 3C apart) @ K_h^T, K_h^T (hd, n; rows n_ctx
-            # apart)
-            matmul(False, False, M, n, hd, scale, &self.qkv[0, h * hd], 3 * C,
-                   &self.k_cache[seq, l, h, 0, 0], self.d.n_ctx, 0.0, S, n)
+            # S (M, n) = scale * Q_h (M, hd; rows 3C apart) @ K_h^T, K_h (n, hd)
+            matmul(False, True, M, n, hd, scale, &self.qkv[0, h * hd], 3 * C,
+                   &self.k_cache[seq, l, h, 0, 0], hd, 0.0, S, n)
             for r in range(M):
                 row = S + <Py_ssize_t>r * n
                 valid = p0 + r + 1
@@ -1834,16 +1825,9 @@ cdef class Decoder:
                 if d.angular:
                     rotate_qk(qkv + r * 3 * C, d.rot_cos + pos[r] * (C // 2),
                               d.rot_sin + pos[r] * (C // 2), C, 1.0)
-                if d.ulam:
-                    for h in range(d.H):
-                        memcpy(&self.k_cache[seqs[r], l, h, pos[r], 0],
-                               qkv + r * 3 * C + C + h * hd, hd * sizeof(float))
-                else:
-                    # the key's element e = (head, dim) goes to position pos[r] of row e of
-                    # the sequence's (C, n_ctx) transposed cache
-                    key = &self.k_cache[seqs[r], l, 0, 0, pos[r]]
-                    for e in range(C):
-                        key[<Py_ssize_t>e * d.n_ctx] = qkv[r * 3 * C + C + e]
+                for h in range(d.H):
+                    memcpy(&self.k_cache[seqs[r], l, h, pos[r], 0],
+                           qkv + r * 3 * C + C + h * hd, hd * sizeof(float))
                 memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
                        C * sizeof(float))
             if block and not d.ulam:
