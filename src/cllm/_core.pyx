@@ -1589,11 +1589,10 @@ cdef class Decoder:
     cdef readonly int batch
     cdef readonly int most_threads            # what the scratch is sized for
     cdef int active_threads
-    # keys by head, (batch, L, H, n_ctx, hd): a row's scores are dot products along one
-    # contiguous run of its head's keys (a batch reads every sequence's cache each step, as
-    # much memory as the weights, so it must stream); values (batch, L, n_ctx, C)
-    cdef float[:, :, :, :, ::1] k_cache
-    cdef float[:, :, :, ::1] v_cache
+    # keys and values by head, (batch, L, H, n_ctx, hd): a row's attention reads one
+    # contiguous run of its head's keys and one of its values (a batch reads every sequence's
+    # cache each step, as much memory as the weights, so it must stream)
+    cdef float[:, :, :, :, ::1] k_cache, v_cache
     cdef float[:, ::1] x, ln, qkv, atty, fch    # (MAX_ROWS, C | C | 3C | C | F)
     cdef float[::1] mean, rstd                  # (MAX_ROWS)
     cdef int8_t[::1] xq                         # int8 activation rows (MAX_ROWS * max K)
@@ -1612,7 +1611,7 @@ cdef class Decoder:
         self.net, self.w, self.batch = net, weights, batch
         self.active_threads = self.most_threads = threads
         self.k_cache = np.zeros((batch, d.L, d.H, d.n_ctx, d.C // d.H), np.float32)
-        self.v_cache = np.zeros((batch, d.L, d.n_ctx, d.C), np.float32)
+        self.v_cache = np.zeros((batch, d.L, d.H, d.n_ctx, d.C // d.H), np.float32)
         rows = MAX_ROWS
         self.x = np.zeros((rows, d.C), np.float32)
         self.ln = np.zeros((rows, d.C), np.float32)
@@ -1764,14 +1763,14 @@ cdef class Decoder:
             s = &self.scores[threadid(), 0]
             y = &self.atty[r, h * hd]
             keys = &self.k_cache[seqs[r], l, h, 0, 0]          # (n_ctx, hd)
-            values = &self.v_cache[seqs[r], l, 0, h * hd]
+            values = &self.v_cache[seqs[r], l, h, 0, 0]        # (n_ctx, hd)
             # s[j] = scale * q . k[p_j] over the attended positions p_j (0..n-1 when dense)
             for j in range(n):
                 s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>(key[j] if key else j) * hd, hd)
             mx = cllm_row_max(s, n)
             cllm_row_scale(s, n, <float>(1.0 / cllm_row_exp_sum(s, n, mx)))
             # y = sum over the attended positions j of s[j] v[j]
-            cllm_weighted_rows(y, s, values, C, key, n, hd)
+            cllm_weighted_rows(y, s, values, hd, key, n, hd)
 
     cdef void attend_block(self, int l, int seq, int p0, int M) noexcept nogil:
         """atty for rows at positions p0..p0+M-1 of one sequence with dense attention (a
@@ -1794,8 +1793,8 @@ cdef class Decoder:
                 mx = cllm_row_max(row, valid)
                 cllm_row_scale(row, valid, <float>(1.0 / cllm_row_exp_sum(row, valid, mx)))
                 memset(row + valid, 0, (n - valid) * sizeof(float))
-            # Y_h (M, hd; rows C apart) = P (M, n) @ V_h (n, hd; rows C apart)
-            matmul(False, False, M, hd, n, 1.0, S, n, &self.v_cache[seq, l, 0, h * hd], C, 0.0,
+            # Y_h (M, hd; rows C apart) = P (M, n) @ V_h (n, hd)
+            matmul(False, False, M, hd, n, 1.0, S, n, &self.v_cache[seq, l, h, 0, 0], hd, 0.0,
                    &self.atty[0, h * hd], C)
 
     cdef void run_rows(self, const int64_t *tokens, const int32_t *seqs, const int32_t *pos,
@@ -1828,8 +1827,8 @@ cdef class Decoder:
                 for h in range(d.H):
                     memcpy(&self.k_cache[seqs[r], l, h, pos[r], 0],
                            qkv + r * 3 * C + C + h * hd, hd * sizeof(float))
-                memcpy(&self.v_cache[seqs[r], l, pos[r], 0], qkv + r * 3 * C + 2 * C,
-                       C * sizeof(float))
+                    memcpy(&self.v_cache[seqs[r], l, h, pos[r], 0],
+                           qkv + r * 3 * C + 2 * C + h * hd, hd * sizeof(float))
             if block and not d.ulam:
                 self.attend_block(l, seqs[0], pos[0], M)
             else:
