@@ -1,5 +1,7 @@
-/* Int8 (Q8), bfloat16 and float32 weight matrices stored rows by output, for generation
- * (inference only): every matrix of a quantized model, and a float32 model's output head.
+/* The kernels of generation (inference only): int8 (Q8), bfloat16 and float32 weight
+ * matrices stored rows by output (every matrix of a quantized model, and a float32 model's
+ * output head), float32 ones in the training layout (a float32 model's layers), and the
+ * weighted sum of attention's cached values.
  *
  * Generating a token reads every weight of the model once, so its speed is the rate at which
  * the weights stream from memory: 1.125 bytes a weight in Q8 (an int8, and a float32 scale per
