@@ -25,7 +25,7 @@ static float *filled(long n, float magnitude) {
 static void put(const void *p, long bytes) { fwrite(p, 1, (size_t)bytes, stdout); }
 
 /* y (M, OC) columns [o0, o1) of the product: q8 when wq is set, bf16 when wb is, else float32
- * (w32). */
+ * (w32); x the float32 activations in tile order. */
 static void product(float *y, int o0, int o1, const float *bias, const int8_t *xq,
                     const float *xs, const float *x, int M, const int8_t *wq, const float *ws,
                     const uint16_t *wb, const float *w32, int IC, int K, int OC) {
@@ -51,7 +51,11 @@ int main(void) {
                 float *y = malloc((long)M * OC * sizeof(float)), *wf = malloc(IC * sizeof(float));
                 float *z = malloc((long)M * OC * sizeof(float));
                 uint16_t *wb = malloc((long)OC * IC * sizeof(uint16_t));
-                for (int m = 0; m < M; m++) cllm_q8_quantize_activation(xq, xs, x, M, IC, K, m);
+                float *xt = malloc((long)M * ((IC + 7) / 8 * 8) * sizeof(float));
+                for (int m = 0; m < M; m++) {
+                    cllm_q8_quantize_activation(xq, xs, x, M, IC, K, m);
+                    cllm_float_tile_order(xt, x, M, IC, m);
+                }
                 cllm_q8_quantize_rows(wq, ws, w, OC, IC, K);
                 put(xq, (long)M * K);
                 put(xs, (long)M * nb * sizeof(float));
@@ -65,12 +69,12 @@ int main(void) {
                     if (kb) put(wb, (long)OC * IC * sizeof(uint16_t));
                     for (int with_bias = 0; with_bias < 2; with_bias++) {
                         const float *b = with_bias ? bias : NULL;
-                        product(y, 0, OC, b, xq, xs, x, M, kq, ws, kb, w, IC, K, OC);
+                        product(y, 0, OC, b, xq, xs, xt, M, kq, ws, kb, w, IC, K, OC);
                         put(y, (long)M * OC * sizeof(float));
                         /* the same bits computed over pieces of the output range */
                         for (int piece = 1; piece <= 7; piece += 3) {
                             for (int o = 0; o < OC; o += piece)
-                                product(z, o, o + piece < OC ? o + piece : OC, b, xq, xs, x, M,
+                                product(z, o, o + piece < OC ? o + piece : OC, b, xq, xs, xt, M,
                                         kq, ws, kb, w, IC, K, OC);
                             if (memcmp(y, z, (size_t)M * OC * sizeof(float)) != 0)
                                 return fprintf(stderr, "%s by pieces of %d differs\n",
@@ -83,7 +87,7 @@ int main(void) {
                 cllm_bf16_to_float(wf, wb, IC);
                 put(wf, IC * sizeof(float));
                 free(x), free(w), free(bias), free(xq), free(wq), free(xs), free(ws), free(y);
-                free(z), free(wf), free(wb);
+                free(z), free(wf), free(wb), free(xt);
             }
     return 0;
 }

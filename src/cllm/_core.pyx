@@ -55,6 +55,7 @@ cdef extern from "quant.h" nogil:
     void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC, int K)
     void cllm_q8_quantize_activation(int8_t *q, float *scale, const float *x, int M, int IC,
                                      int K, int m)
+    void cllm_float_tile_order(float *xt, const float *x, int M, int IC, int m)
     void cllm_q8_matmul(float *y, long ldy, const float *bias, const int8_t *xq, const float *xs,
                         int M, const int8_t *wq, const float *ws, int K, int o0, int o1)
     void cllm_bf16_round(uint16_t *out, const float *x, long n)
@@ -1337,26 +1338,28 @@ cdef inline int q8_width(int IC) noexcept nogil:
 
 
 cdef void rows_product(float *y, const float *x, int M, const Matrix *m, int8_t *xq,
-                      float *xs, int threads) noexcept nogil:
+                      float *xs, float *xt, int threads) noexcept nogil:
     """y (M, OC) = x (M, IC) @ W.T + bias for W stored rows by output (int8, bf16 or float32
-    rows); for int8, x is first quantized into xq (M, K), xs (M, K / 32) in the tile order
-    of the product. The outputs are cut into LINEAR_BLOCKS blocks that the threads take as
-    they come free (a thread that shares its core with another process then holds up one
-    block, not a fixed share of the work)."""
+    rows). x is first put in the tile order of the product: for int8 quantized into xq (M, K),
+    xs (M, K / 32), else copied into xt (M, IC rounded up to 8). The outputs are cut into
+    LINEAR_BLOCKS blocks that the threads take as they come free (a thread that shares its
+    core with another process then holds up one block, not a fixed share of the work)."""
     cdef int c, o0, o1, r
     with parallel(num_threads=threads):
-        if m.format == FORMAT_INT8:
-            for r in prange(M, schedule="static"):
+        for r in prange(M, schedule="static"):
+            if m.format == FORMAT_INT8:
                 cllm_q8_quantize_activation(xq, xs, x, M, m.IC, m.K, r)
+            else:
+                cllm_float_tile_order(xt, x, M, m.IC, r)
         for c in prange(LINEAR_BLOCKS, schedule="dynamic"):
             o0 = m.OC * c // LINEAR_BLOCKS
             o1 = m.OC * (c + 1) // LINEAR_BLOCKS
             if m.format == FORMAT_INT8:
                 cllm_q8_matmul(y, m.OC, m.bias, xq, xs, M, m.q8, m.scale, m.K, o0, o1)
             elif m.format == FORMAT_BF16:
-                cllm_bf16_matmul(y, m.OC, m.bias, x, M, m.IC, m.bf16, o0, o1)
+                cllm_bf16_matmul(y, m.OC, m.bias, xt, M, m.IC, m.bf16, o0, o1)
             else:
-                cllm_f32_matmul(y, m.OC, m.bias, x, M, m.IC, m.f32_rows, o0, o1)
+                cllm_f32_matmul(y, m.OC, m.bias, xt, M, m.IC, m.f32_rows, o0, o1)
 
 
 def quantize_q8(const float[:, ::1] x):
@@ -1422,7 +1425,7 @@ def q8_linear(const float[:, ::1] x, const int8_t[:, ::1] q, const float[:, ::1]
     if bias is not None:
         m.bias = &bias[0]
     with nogil:
-        rows_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], threads)
+        rows_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], NULL, threads)
     return y
 
 
@@ -1458,13 +1461,14 @@ def bf16_linear(const float[:, ::1] x, const uint16_t[:, ::1] w, const float[::1
     if M == 0 or OC == 0:
         return y
     cdef float[:, ::1] yv = y
+    cdef float[::1] xt = np.empty(M * ((IC + 7) // 8 * 8), np.float32)
     cdef Matrix m
     memset(&m, 0, sizeof(Matrix))
     m.format, m.IC, m.OC, m.bf16 = FORMAT_BF16, IC, OC, &w[0, 0]
     if bias is not None:
         m.bias = &bias[0]
     with nogil:
-        rows_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, threads)
+        rows_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, &xt[0], threads)
     return y
 
 
@@ -1601,6 +1605,7 @@ cdef class Decoder:
     cdef float[:, ::1] scores                   # (threads, MAX_ROWS * n_ctx) attention
     cdef float[:, ::1] tiles                    # (threads, TILE * max(C, F)) weights in float32
     cdef float[::1] x_int8                      # (M, IC) int8 activations back in float32
+    cdef float[::1] xt                          # FEW_ROWS float32 rows in tile order
     cdef float[:, ::1] logits                   # (max(batch, 1), V) of step and decode
 
     def __init__(self, Transformer net, Weights weights, int batch, int threads):
@@ -1627,6 +1632,7 @@ cdef class Decoder:
         self.scores = np.zeros((threads, MAX_ROWS * d.n_ctx), np.float32)
         self.tiles = np.zeros((threads, TILE * max(d.C, d.F)), np.float32)
         self.x_int8 = np.zeros(rows * max(d.C, d.F), np.float32)
+        self.xt = np.zeros(FEW_ROWS * ((max(d.C, d.F) + 7) // 8 * 8), np.float32)
         self.logits = np.zeros((batch, d.V), np.float32)
 
     @property
@@ -1684,7 +1690,8 @@ cdef class Decoder:
             if m.f32 != NULL:
                 self.matvec(y, x, M, m)
             else:
-                rows_product(y, x, M, m, &self.xq[0], &self.xs[0], self.active_threads)
+                rows_product(y, x, M, m, &self.xq[0], &self.xs[0], &self.xt[0],
+                             self.active_threads)
             return
         self.start_rows(y, M, m)
         if m.format == FORMAT_INT8:

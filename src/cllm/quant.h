@@ -275,22 +275,23 @@ CLLM_INLINE void cllm_q8_tile(float *y, long ldy, const float *bias, long step,
     cllm_store_tile(y, ldy, bias, step, acc, RO, RM);
 }
 
-/* The same for bf16 rows (wb) or float32 rows (wf, when not NULL) of IC elements, activation
- * rows IC apart. The last IC mod 8 go through zero-padded copies, whose products add +0 to
- * the lanes, the same on every path. */
+/* The same for bf16 rows (wb) or float32 rows (wf, when not NULL) of IC elements, the
+ * activations in tile order (chunk c of 8 values of row m at xt[(c RM + m) 8], the last chunk
+ * zero padded: cllm_float_tile_order). The weights' last IC mod 8 go through zero-padded
+ * copies, whose products add +0 to the lanes, the same on every path. */
 CLLM_INLINE void cllm_float_tile(float *y, long ldy, const float *bias, long step,
-                                 const float *x, const uint16_t *wb, const float *wf, int IC,
+                                 const float *xt, const uint16_t *wb, const float *wf, int IC,
                                  int RO, int RM) {
     cllm_f8 acc[CLLM_TILE_ACC];
     for (int t = 0; t < RO * RM; t++) acc[t] = cllm_f8_zero();
     int i = 0;
-    for (; i + 8 <= IC; i += 8) {
+    for (; i + 8 <= IC; i += 8, xt += RM * 8) {
         cllm_f8 w[CLLM_ROWS];
         for (int r = 0; r < RO; r++)
             w[r] = wf ? cllm_f8_load(wf + r * step * IC + i)
                       : cllm_bf16_load(wb + r * step * IC + i);
         for (int m = 0; m < RM; m++) {
-            cllm_f8 xv = cllm_f8_load(x + m * IC + i);
+            cllm_f8 xv = cllm_f8_load(xt + m * 8);
             for (int r = 0; r < RO; r++) acc[r * RM + m] = cllm_f8_fma(acc[r * RM + m], xv, w[r]);
         }
     }
@@ -306,9 +307,7 @@ CLLM_INLINE void cllm_float_tile(float *y, long ldy, const float *bias, long ste
             w[r] = wf ? cllm_f8_load(ft) : cllm_bf16_load(bt);
         }
         for (int m = 0; m < RM; m++) {
-            float xt[8] = {0.0f};
-            memcpy(xt, x + m * IC + i, (IC - i) * sizeof(float));
-            cllm_f8 xv = cllm_f8_load(xt);
+            cllm_f8 xv = cllm_f8_load(xt + m * 8);
             for (int r = 0; r < RO; r++) acc[r * RM + m] = cllm_f8_fma(acc[r * RM + m], xv, w[r]);
         }
     }
@@ -316,7 +315,7 @@ CLLM_INLINE void cllm_float_tile(float *y, long ldy, const float *bias, long ste
 }
 
 /* The operands of a product: Q8 weights and activations when q8 is set, else bf16 weights (w)
- * or float32 ones (wf) and float32 activations. */
+ * or float32 ones (wf) and float32 activations x (in tile order, cllm_float_tile_order). */
 typedef struct {
     int q8;
     const int8_t *wq, *xq;
@@ -338,7 +337,7 @@ CLLM_INLINE void cllm_tile(const cllm_operands *p, float *y, long ldy, const flo
         cllm_q8_tile(ym, ldy, b, step, p->xq + (long)m0 * p->K, p->xs + (long)m0 * nb,
                      p->wq + (long)o * p->K, p->ws + (long)o * nb, nb, RO, RM);
     } else {
-        cllm_float_tile(ym, ldy, b, step, p->x + (long)m0 * p->IC,
+        cllm_float_tile(ym, ldy, b, step, p->x + (long)m0 * ((p->IC + 7) / 8) * 8,
                         p->w ? p->w + (long)o * p->IC : NULL,
                         p->wf ? p->wf + (long)o * p->IC : NULL, p->IC, RO, RM);
     }
@@ -404,7 +403,8 @@ CLLM_NOINLINE void cllm_q8_matmul(float *y, long ldy, const float *bias, const i
     cllm_matmul_rows(&p, y, ldy, bias, M, o0, o1);
 }
 
-/* y[m * ldy + o] = bias[o] + sum_i x[m, i] * float(w[o, i]), o in [o0, o1), m in [0, M) */
+/* y[m * ldy + o] = bias[o] + sum_i x[m, i] * float(w[o, i]), o in [o0, o1), m in [0, M), x
+ * in tile order (cllm_float_tile_order) */
 CLLM_NOINLINE void cllm_bf16_matmul(float *y, long ldy, const float *bias, const float *x,
                                     int M, int IC, const uint16_t *w, int o0, int o1) {
     cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, w, NULL, x, IC};
@@ -412,7 +412,7 @@ CLLM_NOINLINE void cllm_bf16_matmul(float *y, long ldy, const float *bias, const
 }
 
 /* The same with float32 weights w (OC, IC): the output head, (V, C) rows by output as it is
- * stored, read without a transposed copy. */
+ * stored, read without a transposed copy; x in tile order. */
 CLLM_NOINLINE void cllm_f32_matmul(float *y, long ldy, const float *bias, const float *x,
                                    int M, int IC, const float *w, int o0, int o1) {
     cllm_operands p = {0, NULL, NULL, NULL, NULL, 0, NULL, w, x, IC};
@@ -513,22 +513,35 @@ static inline void cllm_q8_quantize_block(int8_t *q, float *scale, const float *
         q[i] = (int8_t)(s != 0.0f ? cllm_q8_clamp(nearbyintf(v[i] / s)) : 0.0f);
 }
 
-/* Row m of x (M, IC), block b: where it goes in the tile order of the activations of a
- * product (rows in groups of CLLM_MROWS, within a group block-major): (m0 nb + b RM + m - m0)
- * for the group m0 of RM rows; rows = 1 gives the plain row order (m nb + b). */
-static inline long cllm_q8_block_index(int m, int b, int M, int nb, int rows) {
+/* Row m of x (M, IC), block (or chunk) b of nb: where it goes in the tile order of the
+ * activations of a product (rows in groups of CLLM_MROWS, within a group block-major):
+ * (m0 nb + b RM + m - m0) for the group m0 of RM rows; rows = 1 gives the plain row order
+ * (m nb + b). */
+static inline long cllm_tile_index(int m, int b, int M, int nb, int rows) {
     int m0 = m / rows * rows, RM = M - m0 < rows ? M - m0 : rows;
     return (long)m0 * nb + (long)b * RM + (m - m0);
 }
 
+/* Row m of x (M, IC) -> its chunks of 8 in the tile order that cllm_bf16_matmul and
+ * cllm_f32_matmul read, xt (M, IC rounded up to 8), the last chunk zero padded. */
+static inline void cllm_float_tile_order(float *xt, const float *x, int M, int IC, int m) {
+    int nc = (IC + 7) / 8;
+    for (int c = 0; c < nc; c++) {
+        int n = IC - 8 * c < 8 ? IC - 8 * c : 8;
+        float *chunk = xt + cllm_tile_index(m, c, M, nc, CLLM_MROWS) * 8;
+        memcpy(chunk, x + (long)m * IC + 8 * c, n * sizeof(float));
+        for (int j = n; j < 8; j++) chunk[j] = 0.0f;
+    }
+}
+
 /* Row m of x (M, IC) -> its blocks of q, one scale each, K = IC rounded up to 32, block b at
- * cllm_q8_block_index(m, b, M, K / 32, rows). */
+ * cllm_tile_index(m, b, M, K / 32, rows). */
 static inline void cllm_q8_quantize_row(int8_t *q, float *scale, const float *x, int M, int IC,
                                         int K, int rows, int m) {
     int nb = K / CLLM_QK;
     for (int b = 0; b < nb; b++) {
         int n = IC - b * CLLM_QK;
-        long at = cllm_q8_block_index(m, b, M, nb, rows);
+        long at = cllm_tile_index(m, b, M, nb, rows);
         cllm_q8_quantize_block(q + at * CLLM_QK, scale + at, x + (long)m * IC + b * CLLM_QK,
                                n > CLLM_QK ? CLLM_QK : n);
     }
