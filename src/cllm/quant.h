@@ -83,7 +83,6 @@ typedef __m256i cllm_i8;
 
 static inline cllm_f8 cllm_f8_zero(void) { return _mm256_setzero_ps(); }
 CLLM_INLINE cllm_f8 cllm_f8_set1(float v) { return _mm256_set1_ps(v); }
-CLLM_INLINE cllm_f8 cllm_f8_mul(cllm_f8 a, cllm_f8 b) { return _mm256_mul_ps(a, b); }
 CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) { return _mm256_loadu_ps(p); }
 CLLM_INLINE void cllm_f8_store(float *p, cllm_f8 v) { _mm256_storeu_ps(p, v); }
 
@@ -143,11 +142,6 @@ CLLM_INLINE cllm_f8 cllm_f8_set1(float v) {
     cllm_f8 r;
     for (int j = 0; j < 8; j++) r.l[j] = v;
     return r;
-}
-
-CLLM_INLINE cllm_f8 cllm_f8_mul(cllm_f8 a, cllm_f8 b) {
-    for (int j = 0; j < 8; j++) a.l[j] *= b.l[j];
-    return a;
 }
 
 CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) {
