@@ -1749,8 +1749,7 @@ cdef class Decoder:
         positions of the row's sequence that its position attends to (0..pos, or its Ulam
         neighbours); (row, head) pairs in parallel."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H
-        cdef int n_ctx = self.d.n_ctx
-        cdef int i, r, h, j, n, e
+        cdef int i, r, h, j, n
         cdef float scale = 1.0 / sqrtf(hd), mx
         cdef float *s
         cdef float *y
@@ -1810,11 +1809,10 @@ cdef class Decoder:
         that sequence holding its earlier positions (or getting them from earlier rows of this
         call). logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
-        cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, e, h
+        cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, h
         cdef const Py_ssize_t *o
         cdef const float *p = self.net.p
         cdef const Matrix *m
-        cdef float *key
         cdef float *x = &self.x[0, 0]
         cdef float *ln = &self.ln[0, 0]
         cdef float *qkv = &self.qkv[0, 0]
