@@ -1392,6 +1392,24 @@ def dequantize_q8(const int8_t[:, ::1] q, const float[:, ::1] scale, int IC):
     return out
 
 
+cdef linear_rows(const float[:, ::1] x, Matrix *m, const float[::1] bias, int threads):
+    """y (M, OC) = x @ W.T + bias through rows_product, with the scratch of m's format"""
+    cdef int M = x.shape[0]
+    y = np.zeros((M, m.OC), np.float32)
+    if M == 0 or m.OC == 0:
+        return y
+    cdef bint int8 = m.format == FORMAT_INT8
+    cdef float[:, ::1] yv = y
+    cdef int8_t[::1] xq = np.empty(M * m.K if int8 else 1, np.int8)
+    cdef float[::1] xs = np.empty(M * (m.K // CLLM_QK) if int8 else 1, np.float32)
+    cdef float[::1] xt = np.empty(1 if int8 else M * ((m.IC + 7) // 8 * 8), np.float32)
+    if bias is not None:
+        m.bias = &bias[0]
+    with nogil:
+        rows_product(&yv[0, 0], &x[0, 0], M, m, &xq[0], &xs[0], &xt[0], threads)
+    return y
+
+
 cdef check_linear(int IC, int OC, bias, int threads):
     if IC < 1:
         raise ValueError("linear: the input rows are empty (IC = 0)")
@@ -1407,26 +1425,18 @@ def q8_linear(const float[:, ::1] x, const int8_t[:, ::1] q, const float[:, ::1]
     quantize_q8 of W): x is quantized the same way, then each block product is an exact int32
     dot product times the two scales. bias may be None. The result is the same bits for every
     thread count."""
-    cdef int M = x.shape[0], IC = x.shape[1], OC = q.shape[0], K = q.shape[1], nb = K // CLLM_QK
+    cdef int IC = x.shape[1], OC = q.shape[0], K = q.shape[1], nb = K // CLLM_QK
     check_linear(IC, OC, bias, threads)
     if K != q8_width(IC) or scale.shape[0] != OC or scale.shape[1] != nb:
         raise ValueError(f"q8_linear: q ({OC}, {K}) and scale ({scale.shape[0]}, "
                          f"{scale.shape[1]}) do not fit inputs of width {IC} "
                          f"(expected K = {q8_width(IC)})")
-    y = np.zeros((M, OC), np.float32)
-    if M == 0 or OC == 0:
-        return y
-    cdef float[:, ::1] yv = y
-    cdef int8_t[::1] xq = np.empty(M * K, np.int8)
-    cdef float[::1] xs = np.empty(M * nb, np.float32)
     cdef Matrix m
     memset(&m, 0, sizeof(Matrix))
-    m.format, m.IC, m.OC, m.K, m.q8, m.scale = FORMAT_INT8, IC, OC, K, &q[0, 0], &scale[0, 0]
-    if bias is not None:
-        m.bias = &bias[0]
-    with nogil:
-        rows_product(&yv[0, 0], &x[0, 0], M, &m, &xq[0], &xs[0], NULL, threads)
-    return y
+    m.format, m.IC, m.OC, m.K = FORMAT_INT8, IC, OC, K
+    if OC:
+        m.q8, m.scale = &q[0, 0], &scale[0, 0]
+    return linear_rows(x, &m, bias, threads)
 
 
 def bf16_round(const float[::1] x):
@@ -1453,23 +1463,16 @@ def bf16_linear(const float[:, ::1] x, const uint16_t[:, ::1] w, const float[::1
                 int threads):
     """y (M, OC) = x (M, IC) @ float(w).T + bias, w (OC, IC) bfloat16 bits, accumulated in
     float32; bias may be None. The same bits for every thread count."""
-    cdef int M = x.shape[0], IC = x.shape[1], OC = w.shape[0]
+    cdef int IC = x.shape[1], OC = w.shape[0]
     check_linear(IC, OC, bias, threads)
     if w.shape[1] != IC:
         raise ValueError(f"bf16_linear: w ({OC}, {w.shape[1]}) does not fit inputs of width {IC}")
-    y = np.zeros((M, OC), np.float32)
-    if M == 0 or OC == 0:
-        return y
-    cdef float[:, ::1] yv = y
-    cdef float[::1] xt = np.empty(M * ((IC + 7) // 8 * 8), np.float32)
     cdef Matrix m
     memset(&m, 0, sizeof(Matrix))
-    m.format, m.IC, m.OC, m.bf16 = FORMAT_BF16, IC, OC, &w[0, 0]
-    if bias is not None:
-        m.bias = &bias[0]
-    with nogil:
-        rows_product(&yv[0, 0], &x[0, 0], M, &m, NULL, NULL, &xt[0], threads)
-    return y
+    m.format, m.IC, m.OC = FORMAT_BF16, IC, OC
+    if OC:
+        m.bf16 = &w[0, 0]
+    return linear_rows(x, &m, bias, threads)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1479,8 +1482,9 @@ cdef enum:
     # Row blocks of a one-row float32 matrix-vector product: fixed, so that the sum does not
     # depend on the thread count; 4 keeps 1, 2 and 4 threads evenly loaded.
     MATVEC_BLOCKS = 4
-    # Output rows (columns of a float32 matrix) per unit of work of a product of several rows:
-    # the weights of a tile go to float32 (for bf16 and int8) and through single-threaded BLAS.
+    # Output rows (columns of a float32 matrix) per unit of work of a product of more than
+    # FEW_ROWS rows (a prompt): the weights of a tile go to float32 (for bf16 and int8) and
+    # through single-threaded BLAS.
     TILE = 128
     MAX_ROWS = 256       # most token rows one decoder call runs (a longer prompt goes in blocks)
     FEW_ROWS = 16        # the most rows a product reads its weights for directly (see linear)
@@ -1585,8 +1589,8 @@ cdef class Decoder:
     sequence decodes a batch, every weight read once for all of them.
 
     Every output of a product is computed by one thread in an order fixed by the matrix
-    alone, so the text does not depend on the thread count; with bf16 or int8 weights it does
-    not depend on how rows are grouped either."""
+    alone, so the text does not depend on the thread count; and up to FEW_ROWS rows (a step,
+    a batch) every output has the bits it has alone, whatever rows are computed with it."""
     cdef Dims d
     cdef Transformer net                      # keeps the parameters and d's tables alive
     cdef Weights w
@@ -1656,7 +1660,7 @@ cdef class Decoder:
         for all M rows into partial sums of its own; the partials are then added in block
         order, so every output is the same for every thread count and whatever rows are
         computed with it."""
-        cdef int blk, r, IC = m.IC, OC = m.OC
+        cdef int blk, IC = m.IC, OC = m.OC
         cdef Py_ssize_t size = <Py_ssize_t>M * OC
         for blk in prange(MATVEC_BLOCKS, num_threads=self.active_threads, schedule="dynamic"):
             memset(&self.partial[blk, 0], 0, size * sizeof(float))
@@ -1804,10 +1808,12 @@ cdef class Decoder:
                    &self.atty[0, h * hd], C)
 
     cdef void run_rows(self, const int64_t *tokens, const int32_t *seqs, const int32_t *pos,
-                       int M, const int32_t *out_rows, int R, float *logits) noexcept nogil:
+                       int M, bint block, const int32_t *out_rows, int R,
+                       float *logits) noexcept nogil:
         """Rows r < M: token tokens[r] of sequence seqs[r] at position pos[r], the cache of
         that sequence holding its earlier positions (or getting them from earlier rows of this
-        call). logits (R, V) <- those after rows out_rows[0..R-1]."""
+        call); `block`: the rows are a prompt read with dense attention (attend_block).
+        logits (R, V) <- those after rows out_rows[0..R-1]."""
         cdef Dims *d = &self.d
         cdef int C = d.C, F = d.F, hd = d.C // d.H, l, r, h
         cdef const Py_ssize_t *o
@@ -1816,7 +1822,6 @@ cdef class Decoder:
         cdef float *x = &self.x[0, 0]
         cdef float *ln = &self.ln[0, 0]
         cdef float *qkv = &self.qkv[0, 0]
-        cdef bint block = is_prompt_block(seqs, pos, M)
         for r in range(M):
             self.embed(x + r * C, tokens[r], pos[r])
         for l in range(d.L):
@@ -1834,7 +1839,7 @@ cdef class Decoder:
                            qkv + r * 3 * C + C + h * hd, hd * sizeof(float))
                     memcpy(&self.v_cache[seqs[r], l, h, pos[r], 0],
                            qkv + r * 3 * C + 2 * C + h * hd, hd * sizeof(float))
-            if block and not d.ulam:
+            if block:
                 self.attend_block(l, seqs[0], pos[0], M)
             else:
                 self.attend(l, seqs, pos, M)
@@ -1875,12 +1880,13 @@ cdef class Decoder:
                 raise ValueError(f"rows: out_rows holds {out_rows[r]}, not a row")
         if R == 0:
             return
-        # BLAS runs for a prompt's attention and for more than FEW_ROWS rows only; a step or
-        # a batch is too short to pay for limiting its threads
-        uses_blas = M > FEW_ROWS or is_prompt_block(&seqs[0], &positions[0], M)
-        with blas_single_threaded() if uses_blas else nullcontext():
+        # a prompt with dense attention: attention through BLAS (attend_block)
+        cdef bint block = is_prompt_block(&seqs[0], &positions[0], M) and not d.ulam
+        # BLAS runs for such a block and for more than FEW_ROWS rows only; a step or a batch
+        # is too short to pay for limiting its threads
+        with blas_single_threaded() if block or M > FEW_ROWS else nullcontext():
             with nogil:
-                self.run_rows(&tokens[0], &seqs[0], &positions[0], M, &out_rows[0], R,
+                self.run_rows(&tokens[0], &seqs[0], &positions[0], M, block, &out_rows[0], R,
                               &logits[0, 0])
 
     def step(self, int token, int pos, int seq=0):
