@@ -68,7 +68,7 @@ def test_causal_attention_forward_backward(rng, T):
     y_ref, cache = ref.attention_forward(qkv, H)
     assert rel_err(out, y_ref) < 1e-5
     assert rel_err(att, cache[3]) < 1e-5
-    dqkv = _core.layer_attention_backward(f32(dy), att, f32(qkv))
+    dqkv = _core.layer_attention_backward(f32(dy), f32(qkv), H)
     assert rel_err(dqkv, ref.attention_backward(dy, cache)) < 1e-4
 
 

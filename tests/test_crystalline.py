@@ -176,7 +176,7 @@ def test_ulam_attention_equals_dense_attention_under_the_mask(T, r, nb, H, hd, s
     assert rel_err(out, y_ref) < 1e-5
     rows = np.repeat(np.arange(T), np.diff(start))
     assert rel_err(att, cache[3][:, :, rows, keys]) < 1e-5
-    dqkv = _core.layer_ulam_attention_backward(f32(dy), att, f32(qkv), start, keys)
+    dqkv = _core.layer_ulam_attention_backward(f32(dy), f32(qkv), H, start, keys)
     assert rel_err(dqkv, ref.attention_backward(dy, cache)) < 1e-4
 
 

@@ -105,13 +105,12 @@ cdef struct Dims:
 
 cdef struct Acts:
     # Saved activations of up to nb sequences of length T (N = nb * T rows). The outputs of
-    # the layer LayerNorms and of GELU are not kept: the backward recomputes them (the same
-    # bits) from the inputs, which are.
+    # the layer LayerNorms and of GELU, and the attention probabilities, are not kept: the
+    # backward recomputes them (the same bits) from the inputs, which are.
     float *x0         # (N, C) token + position embedding: the residual entering layer 0
     float *ln1_mean   # (L, N)
     float *ln1_rstd   # (L, N)
     float *qkv        # (L, N, 3C)
-    float *att        # (L, nb, H, T, T) attention probabilities
     float *atty       # (L, N, C) attention output before the projection
     float *res2       # (L, N, C) residual after attention
     float *ln2_mean   # (L, N)
@@ -128,11 +127,12 @@ cdef struct Acts:
     float *logits
     float *ln         # (N, C) one LayerNorm's output
     float *gelu       # (N, F) one GELU's output
+    float *att        # (T, T) one head's attention probabilities (Ulam: one query's)
     float *dres       # (N, C) gradient of the residual stream
     float *datty      # (N, C)
     float *dqkv       # (N, 3C)
     float *dfch       # (N, F)
-    float *datt       # (T, T)
+    float *datt       # (T, T) their gradient (Ulam: one query's)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,39 +300,43 @@ cdef void linear_backward(float *dinp, float *dw, float *db, const float *dout,
 # ----------------------------------------------------------------------------------------------
 # causal self-attention, one sequence at a time, one head at a time
 
-cdef void attention_forward(float *out, float *att, const float *qkv,
-                            int nb, int T, int C, int H) noexcept nogil:
-    # out (nb*T, C), att (nb, H, T, T) probabilities, qkv (nb*T, 3C)
-    cdef int hd = C // H
-    cdef int b, h, t, j
-    cdef float scale = 1.0 / sqrtf(hd)
+# The attention probabilities are not kept for the backward: it recomputes them per (sequence,
+# head), the same operations giving the same bits, which costs a T x T x hd product per head
+# and saves L x nb x H x T x T floats a thread (as much memory as the stored MLP activations).
+
+cdef void attention_probs(float *a, const float *q, const float *k, int T, int ld,
+                          int hd) noexcept nogil:
+    # a (T, T) <- causal softmax(q @ k^T / sqrt(hd)), zero above the diagonal;
+    # q, k (T, hd) rows ld floats apart
+    cdef int t, j
     cdef float mx, inv
+    matmul(False, True, T, T, hd, 1.0 / sqrtf(hd), q, ld, k, ld, 0.0, a, T)
+    for t in range(T):
+        mx = cllm_row_max(a + t * T, t + 1)
+        inv = <float>(1.0 / cllm_row_exp_sum(a + t * T, t + 1, mx))
+        cllm_row_scale(a + t * T, t + 1, inv)
+        for j in range(t + 1, T):
+            a[t * T + j] = 0.0
+
+
+cdef void attention_forward(float *out, float *a, const float *qkv,
+                            int nb, int T, int C, int H) noexcept nogil:
+    # out (nb*T, C), a (T, T) scratch, qkv (nb*T, 3C)
+    cdef int hd = C // H
+    cdef int b, h
     cdef const float *q
-    cdef const float *k
-    cdef const float *v
-    cdef float *a
     for b in range(nb):
         for h in range(H):
             q = qkv + b * T * 3 * C + h * hd
-            k = q + C
-            v = q + 2 * C
-            a = att + (b * H + h) * T * T
-            # a = scale * q @ k^T; only the causal part (j <= t) is used
-            matmul(False, True, T, T, hd, scale, q, 3 * C, k, 3 * C, 0.0, a, T)
-            for t in range(T):
-                mx = cllm_row_max(a + t * T, t + 1)
-                inv = <float>(1.0 / cllm_row_exp_sum(a + t * T, t + 1, mx))
-                cllm_row_scale(a + t * T, t + 1, inv)
-                for j in range(t + 1, T):
-                    a[t * T + j] = 0.0
+            attention_probs(a, q, q + C, T, 3 * C, hd)
             # out[:, head h] = a @ v
-            matmul(False, False, T, hd, T, 1.0, a, T, v, 3 * C, 0.0,
+            matmul(False, False, T, hd, T, 1.0, a, T, q + 2 * C, 3 * C, 0.0,
                    out + b * T * C + h * hd, C)
 
 
-cdef void attention_backward(float *dqkv, float *datt, const float *dout, const float *att,
+cdef void attention_backward(float *dqkv, float *datt, float *a, const float *dout,
                              const float *qkv, int nb, int T, int C, int H) noexcept nogil:
-    # dqkv (nb*T, 3C) overwritten, datt (T, T) scratch, dout (nb*T, C), att (nb, H, T, T)
+    # dqkv (nb*T, 3C) overwritten, datt and a (T, T) scratch, dout (nb*T, C)
     cdef int hd = C // H
     cdef int b, h, t, j
     cdef float scale = 1.0 / sqrtf(hd)
@@ -340,7 +344,6 @@ cdef void attention_backward(float *dqkv, float *datt, const float *dout, const 
     cdef const float *q
     cdef const float *k
     cdef const float *v
-    cdef const float *a
     cdef const float *dy
     cdef float *dq
     cdef float *dk
@@ -353,8 +356,8 @@ cdef void attention_backward(float *dqkv, float *datt, const float *dout, const 
             dq = dqkv + b * T * 3 * C + h * hd
             dk = dq + C
             dv = dq + 2 * C
-            a = att + (b * H + h) * T * T
             dy = dout + b * T * C + h * hd
+            attention_probs(a, q, k, T, 3 * C, hd)
             # datt = dy @ v^T ; dv = a^T @ dy
             matmul(False, True, T, T, hd, 1.0, dy, C, v, 3 * C, 0.0, datt, T)
             matmul(True, False, T, hd, T, 1.0, a, T, dy, C, 0.0, dv, 3 * C)
@@ -372,53 +375,55 @@ cdef void attention_backward(float *dqkv, float *datt, const float *dout, const 
 
 # ----------------------------------------------------------------------------------------------
 # Ulam spiral attention: query t attends to keys[start[t]:start[t+1]] only (positions <= t
-# near it on the spiral), so the cost is O(T (2r+1)^2 hd) rather than O(T^2 hd).
+# near it on the spiral), so the cost is O(T (2r+1)^2 hd) rather than O(T^2 hd). As for dense
+# attention, the backward recomputes the probabilities.
 
-cdef void ulam_attention_forward(float *out, float *att, const float *qkv, const int32_t *start,
+cdef void ulam_probs(float *a, const float *seq, int t, const int32_t *key, int n, int C,
+                     int hd, int h) noexcept nogil:
+    # a (n) <- softmax over the keys key[0..n) of query t, head h: q_t . k_j / sqrt(hd);
+    # seq (T, 3C) one sequence's qkv
+    cdef int j
+    cdef float scale = 1.0 / sqrtf(hd), mx
+    cdef const float *q = seq + t * 3 * C + h * hd
+    for j in range(n):
+        a[j] = scale * cllm_row_dot(q, seq + key[j] * 3 * C + C + h * hd, hd)
+    mx = cllm_row_max(a, n)
+    cllm_row_scale(a, n, <float>(1.0 / cllm_row_exp_sum(a, n, mx)))
+
+
+cdef void ulam_attention_forward(float *out, float *a, const float *qkv, const int32_t *start,
                                  const int32_t *keys, int nb, int T, int C,
                                  int H) noexcept nogil:
-    # out (nb*T, C), att (nb, H, start[T]) probabilities of the allowed pairs, qkv (nb*T, 3C)
-    cdef int hd = C // H, nnz = start[T]
+    # out (nb*T, C), a (most keys of a query) scratch, qkv (nb*T, 3C)
+    cdef int hd = C // H
     cdef int b, h, t, j, n
-    cdef float scale = 1.0 / sqrtf(hd)
-    cdef float mx, inv
     cdef const float *seq
-    cdef const float *q
     cdef const int32_t *key
-    cdef float *a
     cdef float *y
     for b in range(nb):
         seq = qkv + <Py_ssize_t>b * T * 3 * C
         for h in range(H):
             for t in range(T):
-                q = seq + t * 3 * C + h * hd
                 key = keys + start[t]
                 n = start[t + 1] - start[t]
-                a = att + (<Py_ssize_t>b * H + h) * nnz + start[t]
-                for j in range(n):
-                    a[j] = scale * cllm_row_dot(q, seq + key[j] * 3 * C + C + h * hd, hd)
-                mx = cllm_row_max(a, n)
-                inv = <float>(1.0 / cllm_row_exp_sum(a, n, mx))
-                cllm_row_scale(a, n, inv)
+                ulam_probs(a, seq, t, key, n, C, hd, h)
                 y = out + (<Py_ssize_t>b * T + t) * C + h * hd
                 memset(y, 0, hd * sizeof(float))
                 for j in range(n):
                     cllm_row_axpy(y, seq + key[j] * 3 * C + 2 * C + h * hd, hd, a[j])
 
 
-cdef void ulam_attention_backward(float *dqkv, float *datt, const float *dout, const float *att,
+cdef void ulam_attention_backward(float *dqkv, float *datt, float *a, const float *dout,
                                   const float *qkv, const int32_t *start, const int32_t *keys,
                                   int nb, int T, int C, int H) noexcept nogil:
-    # dqkv (nb*T, 3C) overwritten, datt (most keys of a query) scratch, dout (nb*T, C),
-    # att (nb, H, start[T])
-    cdef int hd = C // H, nnz = start[T]
+    # dqkv (nb*T, 3C) overwritten, datt and a (most keys of a query) scratch, dout (nb*T, C)
+    cdef int hd = C // H
     cdef int b, h, t, j, n
     cdef float scale = 1.0 / sqrtf(hd)
     cdef float s
     cdef const float *seq
     cdef const float *q
     cdef const float *dy
-    cdef const float *a
     cdef const int32_t *key
     cdef float *dseq
     memset(dqkv, 0, <Py_ssize_t>nb * T * 3 * C * sizeof(float))
@@ -431,7 +436,7 @@ cdef void ulam_attention_backward(float *dqkv, float *datt, const float *dout, c
                 dy = dout + (<Py_ssize_t>b * T + t) * C + h * hd
                 key = keys + start[t]
                 n = start[t + 1] - start[t]
-                a = att + (<Py_ssize_t>b * H + h) * nnz + start[t]
+                ulam_probs(a, seq, t, key, n, C, hd, h)
                 # datt_j = dy . v_j ; dv_j += a_j dy
                 for j in range(n):
                     datt[j] = cllm_row_dot(dy, seq + key[j] * 3 * C + 2 * C + h * hd, hd)
@@ -545,9 +550,11 @@ def crystalline_targets(const int64_t[:, ::1] targets, const int32_t[:, ::1] ula
 # one sphere: forward (and backward) over its sequences
 
 # Logits (rows x V floats) computed at once: the head and the loss run over blocks of rows of
-# at most this many logits. Larger blocks re-read dhead less often; smaller ones save memory.
+# at most this many logits (64 MiB). Each block's three products read (and BLAS packs) the
+# whole (V, C) head and dhead again, so fewer blocks are faster; smaller ones save memory. The
+# seed configuration's sphere (384 rows x 30000) is one block.
 cdef enum:
-    LOGIT_BLOCK = 1 << 23
+    LOGIT_BLOCK = 1 << 24
 
 
 cdef inline int logit_rows(int N, int V) noexcept nogil:
@@ -575,8 +582,6 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
     cdef int C = d.C, F = d.F, V = d.V, H = d.H, L = d.L
     cdef int N = nb * T
     cdef Py_ssize_t NC = <Py_ssize_t>N * C, NF = <Py_ssize_t>N * F
-    # attention probabilities of one layer: (nb, H, T, T), or (nb, H, allowed pairs) for Ulam
-    cdef Py_ssize_t natt = <Py_ssize_t>nb * H * (d.ulam_start[T] if d.ulam else T * T)
     cdef int l
     cdef const Py_ssize_t *o
     cdef const float *res_in
@@ -594,10 +599,10 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
         if d.angular:
             angular_forward(a.qkv + 3 * l * NC, d.rot_cos, d.rot_sin, nb, T, C)
         if d.ulam:
-            ulam_attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC,
-                                   d.ulam_start, d.ulam_keys, nb, T, C, H)
+            ulam_attention_forward(a.atty + l * NC, a.att, a.qkv + 3 * l * NC, d.ulam_start,
+                                   d.ulam_keys, nb, T, C, H)
         else:
-            attention_forward(a.atty + l * NC, a.att + l * natt, a.qkv + 3 * l * NC, nb, T, C, H)
+            attention_forward(a.atty + l * NC, a.att, a.qkv + 3 * l * NC, nb, T, C, H)
         linear_forward(a.res2 + l * NC, a.atty + l * NC, params + o[PROJ_W], params + o[PROJ_B],
                        N, C, C)
         cllm_row_add(a.res2 + l * NC, res_in, NC)
@@ -663,11 +668,10 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
         linear_backward(a.datty, grads + o[PROJ_W], grads + o[PROJ_B], dres, a.atty + l * NC,
                         params + o[PROJ_W], N, C, C)
         if d.ulam:
-            ulam_attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt,
-                                    a.qkv + 3 * l * NC, d.ulam_start, d.ulam_keys, nb, T, C, H)
+            ulam_attention_backward(a.dqkv, a.datt, a.att, a.datty, a.qkv + 3 * l * NC,
+                                    d.ulam_start, d.ulam_keys, nb, T, C, H)
         else:
-            attention_backward(a.dqkv, a.datt, a.datty, a.att + l * natt, a.qkv + 3 * l * NC,
-                               nb, T, C, H)
+            attention_backward(a.dqkv, a.datt, a.att, a.datty, a.qkv + 3 * l * NC, nb, T, C, H)
         if d.angular:
             angular_backward(a.dqkv, d.rot_cos, d.rot_sin, nb, T, C)
         layernorm_forward(a.ln, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_prev,
@@ -703,20 +707,20 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
     cdef float *p0
     cdef Acts *a = &ws.acts
     ws.nb, ws.T, ws.backward = nb, T, backward
-    # attention probabilities per (sequence, head) and the backward scratch of their gradient:
-    # all (T, T) pairs, or for Ulam the allowed pairs and those of one query
-    cdef Py_ssize_t pairs = T * T, pair_scratch = T * T, t
+    # the attention probabilities of one (sequence, head) and the backward's scratch of their
+    # gradient: all (T, T) pairs, or for Ulam the allowed pairs of one query
+    cdef Py_ssize_t pairs = T * T, t
     if d.ulam:
-        pairs, pair_scratch = d.ulam_start[T], 0
+        pairs = 0
         for t in range(T):
-            pair_scratch = max(pair_scratch, d.ulam_start[t + 1] - d.ulam_start[t])
+            pairs = max(pairs, d.ulam_start[t + 1] - d.ulam_start[t])
     sizes = dict(x0=N * C, ln1_mean=L * N, ln1_rstd=L * N, qkv=L * N * 3 * C,
-                 att=L * nb * H * pairs, atty=L * N * C, res2=L * N * C, ln2_mean=L * N,
-                 ln2_rstd=L * N, fch=L * N * F, res3=L * N * C, lnf=N * C, lnf_mean=N,
-                 lnf_rstd=N, dln=N * C if backward else 0, region=0)
-    scratch = dict(ln=N * C, gelu=N * F)
+                 atty=L * N * C, res2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N, fch=L * N * F,
+                 res3=L * N * C, lnf=N * C, lnf_mean=N, lnf_rstd=N,
+                 dln=N * C if backward else 0, region=0)
+    scratch = dict(ln=N * C, gelu=N * F, att=pairs)
     if backward:
-        scratch.update(dres=N * C, datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pair_scratch)
+        scratch.update(dres=N * C, datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pairs)
     # every buffer starts on a 64-byte boundary (16 floats)
     at = {}
     pos = 0
@@ -736,7 +740,6 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
     a.ln1_mean = p0 + <Py_ssize_t>at["ln1_mean"]
     a.ln1_rstd = p0 + <Py_ssize_t>at["ln1_rstd"]
     a.qkv = p0 + <Py_ssize_t>at["qkv"]
-    a.att = p0 + <Py_ssize_t>at["att"]
     a.atty = p0 + <Py_ssize_t>at["atty"]
     a.res2 = p0 + <Py_ssize_t>at["res2"]
     a.ln2_mean = p0 + <Py_ssize_t>at["ln2_mean"]
@@ -750,6 +753,7 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
     a.logits = p0 + <Py_ssize_t>at["logits"]
     a.ln = a.logits + <Py_ssize_t>at["ln"]
     a.gelu = a.logits + <Py_ssize_t>at["gelu"]
+    a.att = a.logits + <Py_ssize_t>at["att"]
     a.dres = a.logits + <Py_ssize_t>at.get("dres", 0)
     a.datty = a.logits + <Py_ssize_t>at.get("datty", 0)
     a.dqkv = a.logits + <Py_ssize_t>at.get("dqkv", 0)
@@ -1219,22 +1223,26 @@ def layer_gelu_backward(const float[::1] dout, const float[::1] inp):
 
 
 def layer_attention(const float[:, :, ::1] qkv, int n_head):
-    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, T, T)"""
-    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
+    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, T, T) the probabilities"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, b, h
     cdef float[:, :, ::1] out = np.empty((nb, T, C), np.float32)
     cdef float[:, :, :, ::1] att = np.empty((nb, n_head, T, T), np.float32)
     attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], nb, T, C, n_head)
+    for b in range(nb):
+        for h in range(n_head):
+            attention_probs(&att[b, h, 0, 0], &qkv[b, 0, h * (C // n_head)],
+                            &qkv[b, 0, C + h * (C // n_head)], T, 3 * C, C // n_head)
     return np.asarray(out), np.asarray(att)
 
 
-def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, :, ::1] att,
-                             const float[:, :, ::1] qkv):
+def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv,
+                             int n_head):
     """-> dqkv (nb, T, 3C)"""
-    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, H = att.shape[1]
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
     cdef float[:, :, ::1] dqkv = np.empty((nb, T, 3 * C), np.float32)
-    cdef float[:, ::1] datt = np.empty((T, T), np.float32)
-    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &dout[0, 0, 0], &att[0, 0, 0, 0],
-                       &qkv[0, 0, 0], nb, T, C, H)
+    cdef float[:, ::1] datt = np.empty((T, T), np.float32), att = np.empty((T, T), np.float32)
+    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &att[0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
+                       nb, T, C, n_head)
     return np.asarray(dqkv)
 
 
@@ -1266,24 +1274,30 @@ def layer_angular_backward(const float[:, :, ::1] dqkv, const float[:, ::1] cos,
 
 def layer_ulam_attention(const float[:, :, ::1] qkv, int n_head, const int32_t[::1] start,
                          const int32_t[::1] keys):
-    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, start[T])"""
-    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
+    """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, start[T]) the probabilities of the
+    allowed pairs"""
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, b, h, t
     cdef float[:, :, ::1] out = np.empty((nb, T, C), np.float32)
     cdef float[:, :, ::1] att = np.empty((nb, n_head, start[T]), np.float32)
     ulam_attention_forward(&out[0, 0, 0], &att[0, 0, 0], &qkv[0, 0, 0], &start[0], &keys[0],
                            nb, T, C, n_head)
+    for b in range(nb):
+        for h in range(n_head):
+            for t in range(T):
+                ulam_probs(&att[b, h, start[t]], &qkv[b, 0, 0], t, &keys[start[t]],
+                           start[t + 1] - start[t], C, C // n_head, h)
     return np.asarray(out), np.asarray(att)
 
 
-def layer_ulam_attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] att,
-                                  const float[:, :, ::1] qkv, const int32_t[::1] start,
+def layer_ulam_attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1] qkv,
+                                  int n_head, const int32_t[::1] start,
                                   const int32_t[::1] keys):
     """-> dqkv (nb, T, 3C)"""
-    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, H = att.shape[1]
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
+    cdef float[::1] datt = np.empty(T, np.float32), att = np.empty(T, np.float32)
     cdef float[:, :, ::1] dqkv = np.empty((nb, T, 3 * C), np.float32)
-    cdef float[::1] datt = np.empty(T, np.float32)
-    ulam_attention_backward(&dqkv[0, 0, 0], &datt[0], &dout[0, 0, 0], &att[0, 0, 0],
-                            &qkv[0, 0, 0], &start[0], &keys[0], nb, T, C, H)
+    ulam_attention_backward(&dqkv[0, 0, 0], &datt[0], &att[0], &dout[0, 0, 0], &qkv[0, 0, 0],
+                            &start[0], &keys[0], nb, T, C, n_head)
     return np.asarray(dqkv)
 
 
