@@ -59,9 +59,10 @@ def test_gelu_forward_backward(rng):
     assert rel_err(_core.layer_gelu_backward(f32(dy), f32(x)), ref.gelu_backward(dy, cache)) < 1e-5
 
 
-@pytest.mark.parametrize("T", [1, 2, 7, 16])
-def test_causal_attention_forward_backward(rng, T):
-    nb, C, H = 3, 24, 4
+@pytest.mark.parametrize("T, C, H", [(1, 24, 4), (2, 24, 4), (7, 24, 4), (16, 24, 4),
+                                     (37, 96, 2), (70, 64, 2)])
+def test_causal_attention_forward_backward(rng, T, C, H):
+    nb = 3
     qkv = rng.standard_normal((nb, T, 3 * C))
     dy = rng.standard_normal((nb, T, C))
     out, att = _core.layer_attention(f32(qkv), H)

@@ -50,6 +50,16 @@ cdef extern from "vecmath.h" nogil:
                           float beta1, float beta2, float eps, float decay, float grad_scale,
                           float bc1, float bc2)
 
+cdef extern from "attention.h" nogil:
+    long cllm_attention_work(int T, int hd)
+    void cllm_attention_probs(float *att, const float *q, const float *k, long ld, int T, int hd,
+                              float *work)
+    void cllm_attention_forward(float *out, long ldo, const float *q, const float *k,
+                                const float *v, long ld, int T, int hd, float *work)
+    void cllm_attention_backward(float *dq, float *dk, float *dv, const float *dy, long ldy,
+                                 const float *q, const float *k, const float *v, long ld, int T,
+                                 int hd, float *work)
+
 cdef extern from "quant.h" nogil:
     enum: CLLM_QK
     void cllm_q8_quantize_rows(int8_t *q, float *scale, const float *x, int M, int IC, int K)
@@ -127,12 +137,12 @@ cdef struct Acts:
     float *logits
     float *ln         # (N, C) one LayerNorm's output
     float *gelu       # (N, F) one GELU's output
-    float *att        # (T, T) one head's attention probabilities (Ulam: one query's)
+    float *att        # one head's attention work (attention.h; Ulam: one query's probabilities)
     float *dres       # (N, C) gradient of the residual stream
     float *datty      # (N, C)
     float *dqkv       # (N, 3C)
     float *dfch       # (N, F)
-    float *datt       # (T, T) their gradient (Ulam: one query's)
+    float *datt       # Ulam: the gradient of one query's probabilities
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,76 +311,36 @@ cdef void linear_backward(float *dinp, float *dw, float *db, const float *dout,
 # causal self-attention, one sequence at a time, one head at a time
 
 # The attention probabilities are not kept for the backward: it recomputes them per (sequence,
-# head), the same operations giving the same bits, which costs a T x T x hd product per head
-# and saves L x nb x H x T x T floats a thread (as much memory as the stored MLP activations).
+# head), the same operations giving the same bits, which costs a seventh product (and a softmax)
+# besides the six and saves L x nb x H x T x T floats a thread (as much memory as the stored MLP
+# activations). A head's products are attention.h's: lower triangle only, no BLAS packing.
 
-cdef void attention_probs(float *a, const float *q, const float *k, int T, int ld,
-                          int hd) noexcept nogil:
-    # a (T, T) <- causal softmax(q @ k^T / sqrt(hd)), zero above the diagonal;
-    # q, k (T, hd) rows ld floats apart
-    cdef int t, j
-    cdef float mx, inv
-    matmul(False, True, T, T, hd, 1.0 / sqrtf(hd), q, ld, k, ld, 0.0, a, T)
-    for t in range(T):
-        mx = cllm_row_max(a + t * T, t + 1)
-        inv = <float>(1.0 / cllm_row_exp_sum(a + t * T, t + 1, mx))
-        cllm_row_scale(a + t * T, t + 1, inv)
-        for j in range(t + 1, T):
-            a[t * T + j] = 0.0
-
-
-cdef void attention_forward(float *out, float *a, const float *qkv,
+cdef void attention_forward(float *out, float *work, const float *qkv,
                             int nb, int T, int C, int H) noexcept nogil:
-    # out (nb*T, C), a (T, T) scratch, qkv (nb*T, 3C)
+    # out (nb*T, C), work (cllm_attention_work(T, hd)) scratch, qkv (nb*T, 3C)
     cdef int hd = C // H
     cdef int b, h
     cdef const float *q
     for b in range(nb):
         for h in range(H):
             q = qkv + b * T * 3 * C + h * hd
-            attention_probs(a, q, q + C, T, 3 * C, hd)
-            # out[:, head h] = a @ v
-            matmul(False, False, T, hd, T, 1.0, a, T, q + 2 * C, 3 * C, 0.0,
-                   out + b * T * C + h * hd, C)
+            cllm_attention_forward(out + b * T * C + h * hd, C, q, q + C, q + 2 * C, 3 * C, T,
+                                   hd, work)
 
 
-cdef void attention_backward(float *dqkv, float *datt, float *a, const float *dout,
-                             const float *qkv, int nb, int T, int C, int H) noexcept nogil:
-    # dqkv (nb*T, 3C) overwritten, datt and a (T, T) scratch, dout (nb*T, C)
+cdef void attention_backward(float *dqkv, float *work, const float *dout, const float *qkv,
+                             int nb, int T, int C, int H) noexcept nogil:
+    # dqkv (nb*T, 3C) overwritten, work (cllm_attention_work(T, hd)) scratch, dout (nb*T, C)
     cdef int hd = C // H
-    cdef int b, h, t, j
-    cdef float scale = 1.0 / sqrtf(hd)
-    cdef float s
+    cdef int b, h
     cdef const float *q
-    cdef const float *k
-    cdef const float *v
-    cdef const float *dy
     cdef float *dq
-    cdef float *dk
-    cdef float *dv
     for b in range(nb):
         for h in range(H):
             q = qkv + b * T * 3 * C + h * hd
-            k = q + C
-            v = q + 2 * C
             dq = dqkv + b * T * 3 * C + h * hd
-            dk = dq + C
-            dv = dq + 2 * C
-            dy = dout + b * T * C + h * hd
-            attention_probs(a, q, k, T, 3 * C, hd)
-            # datt = dy @ v^T ; dv = a^T @ dy
-            matmul(False, True, T, T, hd, 1.0, dy, C, v, 3 * C, 0.0, datt, T)
-            matmul(True, False, T, hd, T, 1.0, a, T, dy, C, 0.0, dv, 3 * C)
-            # softmax backward, scaled: dscore = scale * a * (datt - sum(a * datt))
-            for t in range(T):
-                s = cllm_row_dot(a + t * T, datt + t * T, t + 1)
-                for j in range(t + 1):
-                    datt[t * T + j] = scale * a[t * T + j] * (datt[t * T + j] - s)
-                for j in range(t + 1, T):
-                    datt[t * T + j] = 0.0
-            # dq = dscore @ k ; dk = dscore^T @ q
-            matmul(False, False, T, hd, T, 1.0, datt, T, k, 3 * C, 0.0, dq, 3 * C)
-            matmul(True, False, T, hd, T, 1.0, datt, T, q, 3 * C, 0.0, dk, 3 * C)
+            cllm_attention_backward(dq, dq + C, dq + 2 * C, dout + b * T * C + h * hd, C, q,
+                                    q + C, q + 2 * C, 3 * C, T, hd, work)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -671,7 +641,7 @@ cdef double sphere_step(const Dims *d, const float *params, float *grads, Acts *
             ulam_attention_backward(a.dqkv, a.datt, a.att, a.datty, a.qkv + 3 * l * NC,
                                     d.ulam_start, d.ulam_keys, nb, T, C, H)
         else:
-            attention_backward(a.dqkv, a.datt, a.att, a.datty, a.qkv + 3 * l * NC, nb, T, C, H)
+            attention_backward(a.dqkv, a.att, a.datty, a.qkv + 3 * l * NC, nb, T, C, H)
         if d.angular:
             angular_backward(a.dqkv, d.rot_cos, d.rot_sin, nb, T, C)
         layernorm_forward(a.ln, a.ln1_mean + l * N, a.ln1_rstd + l * N, res_prev,
@@ -707,20 +677,21 @@ cdef Workspace new_workspace(const Dims *d, int nb, int T, bint backward):
     cdef float *p0
     cdef Acts *a = &ws.acts
     ws.nb, ws.T, ws.backward = nb, T, backward
-    # the attention probabilities of one (sequence, head) and the backward's scratch of their
-    # gradient: all (T, T) pairs, or for Ulam the allowed pairs of one query
-    cdef Py_ssize_t pairs = T * T, t
+    # attention scratch: the work of one (sequence, head) (attention.h), or for Ulam the
+    # probabilities of one query's allowed pairs and, in the backward, their gradient
+    cdef Py_ssize_t att = cllm_attention_work(T, C // H), datt = 0, t
     if d.ulam:
-        pairs = 0
+        att = 0
         for t in range(T):
-            pairs = max(pairs, d.ulam_start[t + 1] - d.ulam_start[t])
+            att = max(att, d.ulam_start[t + 1] - d.ulam_start[t])
+        datt = att
     sizes = dict(x0=N * C, ln1_mean=L * N, ln1_rstd=L * N, qkv=L * N * 3 * C,
                  atty=L * N * C, res2=L * N * C, ln2_mean=L * N, ln2_rstd=L * N, fch=L * N * F,
                  res3=L * N * C, lnf=N * C, lnf_mean=N, lnf_rstd=N,
                  dln=N * C if backward else 0, region=0)
-    scratch = dict(ln=N * C, gelu=N * F, att=pairs)
+    scratch = dict(ln=N * C, gelu=N * F, att=att)
     if backward:
-        scratch.update(dres=N * C, datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=pairs)
+        scratch.update(dres=N * C, datty=N * C, dqkv=N * 3 * C, dfch=N * F, datt=datt)
     # every buffer starts on a 64-byte boundary (16 floats)
     at = {}
     pos = 0
@@ -1224,14 +1195,15 @@ def layer_gelu_backward(const float[::1] dout, const float[::1] inp):
 
 def layer_attention(const float[:, :, ::1] qkv, int n_head):
     """qkv (nb, T, 3C) -> out (nb, T, C), att (nb, H, T, T) the probabilities"""
-    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, b, h
+    cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3, hd = C // n_head, b, h
     cdef float[:, :, ::1] out = np.empty((nb, T, C), np.float32)
     cdef float[:, :, :, ::1] att = np.empty((nb, n_head, T, T), np.float32)
-    attention_forward(&out[0, 0, 0], &att[0, 0, 0, 0], &qkv[0, 0, 0], nb, T, C, n_head)
+    cdef float[::1] work = np.empty(cllm_attention_work(T, hd), np.float32)
+    attention_forward(&out[0, 0, 0], &work[0], &qkv[0, 0, 0], nb, T, C, n_head)
     for b in range(nb):
         for h in range(n_head):
-            attention_probs(&att[b, h, 0, 0], &qkv[b, 0, h * (C // n_head)],
-                            &qkv[b, 0, C + h * (C // n_head)], T, 3 * C, C // n_head)
+            cllm_attention_probs(&att[b, h, 0, 0], &qkv[b, 0, h * hd], &qkv[b, 0, C + h * hd],
+                                 3 * C, T, hd, &work[0])
     return np.asarray(out), np.asarray(att)
 
 
@@ -1240,9 +1212,8 @@ def layer_attention_backward(const float[:, :, ::1] dout, const float[:, :, ::1]
     """-> dqkv (nb, T, 3C)"""
     cdef int nb = qkv.shape[0], T = qkv.shape[1], C = qkv.shape[2] // 3
     cdef float[:, :, ::1] dqkv = np.empty((nb, T, 3 * C), np.float32)
-    cdef float[:, ::1] datt = np.empty((T, T), np.float32), att = np.empty((T, T), np.float32)
-    attention_backward(&dqkv[0, 0, 0], &datt[0, 0], &att[0, 0], &dout[0, 0, 0], &qkv[0, 0, 0],
-                       nb, T, C, n_head)
+    cdef float[::1] work = np.empty(cllm_attention_work(T, C // n_head), np.float32)
+    attention_backward(&dqkv[0, 0, 0], &work[0], &dout[0, 0, 0], &qkv[0, 0, 0], nb, T, C, n_head)
     return np.asarray(dqkv)
 
 
