@@ -7,7 +7,9 @@
  * copied once into padded, contiguous blocks (T and hd rounded up to CLLM_ATT_ALIGN), the
  * products run in register tiles of 4 rows by 16 columns over the lower triangle only, and the
  * probabilities (and their gradient) are zero above the diagonal, so that the products that
- * read them need no mask.
+ * read them need no mask. Rows of T floats are CLLM_ATT_ALIGN floats longer than T rounded up:
+ * at a power-of-two stride (1024 floats at T = 1024) the rows that a tile reads one after the
+ * other would all fall in one set of the L1 cache and evict each other.
  *
  * Every loop has a fixed order: the result depends only on the inputs, never on the thread. */
 #ifndef CLLM_ATTENTION_H
@@ -22,11 +24,11 @@ typedef float cllm_att_v8 __attribute__((vector_size(32), aligned(4)));
 
 static inline int cllm_att_pad(int n) { return (n + CLLM_ATT_ALIGN - 1) / CLLM_ATT_ALIGN * CLLM_ATT_ALIGN; }
 
-/* Floats of work one head needs: P and dP (Tp, Tp); K^T and V^T (hdp, Tp); Q, K, V or dY
- * rows and three outputs (Tp, hdp). */
+/* Floats of work one head needs: P and dP (Tp rows of ldt); K^T and V^T (hdp rows of ldt);
+ * Q, K, V or dY rows and three outputs (Tp, hdp). */
 static inline long cllm_attention_work(int T, int hd) {
-    long Tp = cllm_att_pad(T), hdp = cllm_att_pad(hd);
-    return 2 * Tp * Tp + 8 * Tp * hdp;
+    long Tp = cllm_att_pad(T), hdp = cllm_att_pad(hd), ldt = Tp + CLLM_ATT_ALIGN;
+    return 2 * Tp * ldt + 2 * hdp * ldt + 6 * Tp * hdp;
 }
 
 /* dst (Tp, hdp) <- src (T, hd) rows ld floats apart, zero-padded. */
@@ -36,12 +38,12 @@ static inline void cllm_att_rows(float *dst, const float *src, long ld, int T, i
     for (int t = 0; t < T; t++) memcpy(dst + (long)t * hdp, src + t * ld, hd * sizeof(float));
 }
 
-/* dst (hdp, Tp) <- src (T, hd)^T, zero-padded. */
-static inline void cllm_att_columns(float *dst, const float *src, long ld, int T, int hd, int Tp,
-                                    int hdp) {
-    memset(dst, 0, (size_t)hdp * Tp * sizeof(float));
+/* dst (hdp, Tp) rows ldt floats apart <- src (T, hd)^T, zero-padded. */
+static inline void cllm_att_columns(float *dst, long ldt, const float *src, long ld, int T,
+                                    int hd, int hdp) {
+    memset(dst, 0, (size_t)hdp * ldt * sizeof(float));
     for (int t = 0; t < T; t++)
-        for (int d = 0; d < hd; d++) dst[(long)d * Tp + t] = src[t * ld + d];
+        for (int d = 0; d < hd; d++) dst[d * ldt + t] = src[t * ld + d];
 }
 
 /* dst (T, hd) rows ld floats apart <- src (Tp, hdp)'s first T rows and hd columns. */
@@ -50,16 +52,16 @@ static inline void cllm_att_store(float *dst, long ld, const float *src, int T, 
 }
 
 /* s (Tp, Tp) <- alpha * a @ bT over the tiles that hold the lower triangle; a (Tp, hdp),
- * bT (hdp, Tp). Entries above the diagonal inside those tiles get values too: callers
- * overwrite them. */
-static inline void cllm_att_scores(float *s, const float *a, const float *bT, int Tp, int hdp,
-                                   float alpha) {
+ * bT (hdp, Tp); s and bT rows ldt floats apart. Entries above the diagonal inside those tiles
+ * get values too: callers overwrite them. */
+static inline void cllm_att_scores(float *s, const float *a, const float *bT, long ldt, int Tp,
+                                   int hdp, float alpha) {
     for (int t0 = 0; t0 < Tp; t0 += 4) {
         for (int j0 = 0; j0 <= t0 + 3; j0 += 16) {
             cllm_att_v8 acc[4][2] = {{{0}}};
             for (int d = 0; d < hdp; d++) {
-                cllm_att_v8 b0 = *(const cllm_att_v8 *)(bT + (long)d * Tp + j0);
-                cllm_att_v8 b1 = *(const cllm_att_v8 *)(bT + (long)d * Tp + j0 + 8);
+                cllm_att_v8 b0 = *(const cllm_att_v8 *)(bT + d * ldt + j0);
+                cllm_att_v8 b1 = *(const cllm_att_v8 *)(bT + d * ldt + j0 + 8);
                 for (int i = 0; i < 4; i++) {
                     float x = a[(long)(t0 + i) * hdp + d];
                     acc[i][0] += x * b0;
@@ -67,17 +69,17 @@ static inline void cllm_att_scores(float *s, const float *a, const float *bT, in
                 }
             }
             for (int i = 0; i < 4; i++) {
-                *(cllm_att_v8 *)(s + (long)(t0 + i) * Tp + j0) = alpha * acc[i][0];
-                *(cllm_att_v8 *)(s + (long)(t0 + i) * Tp + j0 + 8) = alpha * acc[i][1];
+                *(cllm_att_v8 *)(s + (t0 + i) * ldt + j0) = alpha * acc[i][0];
+                *(cllm_att_v8 *)(s + (t0 + i) * ldt + j0 + 8) = alpha * acc[i][1];
             }
         }
     }
 }
 
-/* y (Tp, hdp) <- p @ x, p (Tp, Tp) zero above the diagonal, x (Tp, hdp): row t of y sums rows
- * j <= t of x (for a tile of 4 rows, j < min(t0 + 4, T)). */
-static inline void cllm_att_mix(float *y, const float *p, const float *x, int T, int Tp,
-                                int hdp) {
+/* y (Tp, hdp) <- p @ x, p (Tp, Tp) rows ldt floats apart and zero above the diagonal,
+ * x (Tp, hdp): row t of y sums rows j <= t of x (for a tile of 4 rows, j < min(t0 + 4, T)). */
+static inline void cllm_att_mix(float *y, const float *p, long ldt, const float *x, int T,
+                                int Tp, int hdp) {
     for (int t0 = 0; t0 < Tp; t0 += 4) {
         int jn = t0 + 4 < T ? t0 + 4 : T;
         for (int d0 = 0; d0 < hdp; d0 += 16) {
@@ -86,7 +88,7 @@ static inline void cllm_att_mix(float *y, const float *p, const float *x, int T,
                 cllm_att_v8 x0 = *(const cllm_att_v8 *)(x + (long)j * hdp + d0);
                 cllm_att_v8 x1 = *(const cllm_att_v8 *)(x + (long)j * hdp + d0 + 8);
                 for (int i = 0; i < 4; i++) {
-                    float w = p[(long)(t0 + i) * Tp + j];
+                    float w = p[(t0 + i) * ldt + j];
                     acc[i][0] += w * x0;
                     acc[i][1] += w * x1;
                 }
@@ -99,10 +101,10 @@ static inline void cllm_att_mix(float *y, const float *p, const float *x, int T,
     }
 }
 
-/* y (Tp, hdp) <- p^T @ x, p (Tp, Tp) zero above the diagonal, x (Tp, hdp): row j of y sums
- * rows t >= j (t < T) of x. */
-static inline void cllm_att_mix_transposed(float *y, const float *p, const float *x, int T,
-                                           int Tp, int hdp) {
+/* y (Tp, hdp) <- p^T @ x, p (Tp, Tp) rows ldt floats apart and zero above the diagonal,
+ * x (Tp, hdp): row j of y sums rows t >= j (t < T) of x. */
+static inline void cllm_att_mix_transposed(float *y, const float *p, long ldt, const float *x,
+                                           int T, int Tp, int hdp) {
     for (int j0 = 0; j0 < Tp; j0 += 4) {
         for (int d0 = 0; d0 < hdp; d0 += 16) {
             cllm_att_v8 acc[4][2] = {{{0}}};
@@ -110,7 +112,7 @@ static inline void cllm_att_mix_transposed(float *y, const float *p, const float
                 cllm_att_v8 x0 = *(const cllm_att_v8 *)(x + (long)t * hdp + d0);
                 cllm_att_v8 x1 = *(const cllm_att_v8 *)(x + (long)t * hdp + d0 + 8);
                 for (int i = 0; i < 4; i++) {
-                    float w = p[(long)t * Tp + j0 + i];
+                    float w = p[t * ldt + j0 + i];
                     acc[i][0] += w * x0;
                     acc[i][1] += w * x1;
                 }
@@ -127,18 +129,20 @@ static inline void cllm_att_mix_transposed(float *y, const float *p, const float
 typedef struct {
     float *p, *dp, *kT, *vT, *q, *k, *x, *y0, *y1, *y2;
     int Tp, hdp;
+    long ldt;    /* floats between rows of p, dp, kT, vT */
 } cllm_att_parts;
 
 static inline cllm_att_parts cllm_att_split(float *work, int T, int hd) {
     cllm_att_parts w;
-    long Tp = cllm_att_pad(T), hdp = cllm_att_pad(hd);
+    long Tp = cllm_att_pad(T), hdp = cllm_att_pad(hd), ldt = Tp + CLLM_ATT_ALIGN;
     w.Tp = (int)Tp;
     w.hdp = (int)hdp;
+    w.ldt = ldt;
     w.p = work;
-    w.dp = w.p + Tp * Tp;
-    w.kT = w.dp + Tp * Tp;
-    w.vT = w.kT + hdp * Tp;
-    w.q = w.vT + hdp * Tp;
+    w.dp = w.p + Tp * ldt;
+    w.kT = w.dp + Tp * ldt;
+    w.vT = w.kT + hdp * ldt;
+    w.q = w.vT + hdp * ldt;
     w.k = w.q + Tp * hdp;
     w.x = w.k + Tp * hdp;
     w.y0 = w.x + Tp * hdp;
@@ -152,10 +156,10 @@ static inline cllm_att_parts cllm_att_split(float *work, int T, int hd) {
 static inline void cllm_att_probs(cllm_att_parts *w, const float *q, const float *k, long ld,
                                   int T, int hd) {
     cllm_att_rows(w->q, q, ld, T, hd, w->Tp, w->hdp);
-    cllm_att_columns(w->kT, k, ld, T, hd, w->Tp, w->hdp);
-    cllm_att_scores(w->p, w->q, w->kT, w->Tp, w->hdp, 1.0f / sqrtf((float)hd));
+    cllm_att_columns(w->kT, w->ldt, k, ld, T, hd, w->hdp);
+    cllm_att_scores(w->p, w->q, w->kT, w->ldt, w->Tp, w->hdp, 1.0f / sqrtf((float)hd));
     for (int t = 0; t < w->Tp; t++) {
-        float *row = w->p + (long)t * w->Tp;
+        float *row = w->p + t * w->ldt;
         int n = t < T ? t + 1 : 0;
         if (n) {
             float mx = cllm_row_max(row, n);
@@ -170,7 +174,7 @@ static inline void cllm_attention_probs(float *att, const float *q, const float 
                                         int T, int hd, float *work) {
     cllm_att_parts w = cllm_att_split(work, T, hd);
     cllm_att_probs(&w, q, k, ld, T, hd);
-    for (int t = 0; t < T; t++) memcpy(att + (long)t * T, w.p + (long)t * w.Tp, T * sizeof(float));
+    for (int t = 0; t < T; t++) memcpy(att + (long)t * T, w.p + t * w.ldt, T * sizeof(float));
 }
 
 /* out (T, hd) rows ldo floats apart <- softmax(q k^T / sqrt(hd), causal) @ v; q, k, v (T, hd)
@@ -180,7 +184,7 @@ static inline void cllm_attention_forward(float *out, long ldo, const float *q, 
     cllm_att_parts w = cllm_att_split(work, T, hd);
     cllm_att_probs(&w, q, k, ld, T, hd);
     cllm_att_rows(w.x, v, ld, T, hd, w.Tp, w.hdp);
-    cllm_att_mix(w.y0, w.p, w.x, T, w.Tp, w.hdp);
+    cllm_att_mix(w.y0, w.p, w.ldt, w.x, T, w.Tp, w.hdp);
     cllm_att_store(out, ldo, w.y0, T, hd, w.hdp);
 }
 
@@ -195,23 +199,23 @@ static inline void cllm_attention_backward(float *dq, float *dk, float *dv, cons
     cllm_att_probs(&w, q, k, ld, T, hd);
     cllm_att_rows(w.k, k, ld, T, hd, w.Tp, w.hdp);
     cllm_att_rows(w.x, dy, ldy, T, hd, w.Tp, w.hdp);
-    cllm_att_columns(w.vT, v, ld, T, hd, w.Tp, w.hdp);
+    cllm_att_columns(w.vT, w.ldt, v, ld, T, hd, w.hdp);
     /* dp = dy @ v^T ; dv = p^T @ dy */
-    cllm_att_scores(w.dp, w.x, w.vT, w.Tp, w.hdp, 1.0f);
-    cllm_att_mix_transposed(w.y2, w.p, w.x, T, w.Tp, w.hdp);
+    cllm_att_scores(w.dp, w.x, w.vT, w.ldt, w.Tp, w.hdp, 1.0f);
+    cllm_att_mix_transposed(w.y2, w.p, w.ldt, w.x, T, w.Tp, w.hdp);
     /* softmax backward, scaled: dscore = scale * p * (dp - sum(p * dp)), zero above the
      * diagonal */
     for (int t = 0; t < w.Tp; t++) {
-        float *drow = w.dp + (long)t * w.Tp;
-        const float *prow = w.p + (long)t * w.Tp;
+        float *drow = w.dp + t * w.ldt;
+        const float *prow = w.p + t * w.ldt;
         int n = t < T ? t + 1 : 0;
         float s = cllm_row_dot(prow, drow, n);
         for (int j = 0; j < n; j++) drow[j] = scale * prow[j] * (drow[j] - s);
         memset(drow + n, 0, (size_t)(w.Tp - n) * sizeof(float));
     }
     /* dq = dscore @ k ; dk = dscore^T @ q */
-    cllm_att_mix(w.y0, w.dp, w.k, T, w.Tp, w.hdp);
-    cllm_att_mix_transposed(w.y1, w.dp, w.q, T, w.Tp, w.hdp);
+    cllm_att_mix(w.y0, w.dp, w.ldt, w.k, T, w.Tp, w.hdp);
+    cllm_att_mix_transposed(w.y1, w.dp, w.ldt, w.q, T, w.Tp, w.hdp);
     cllm_att_store(dq, ld, w.y0, T, hd, w.hdp);
     cllm_att_store(dk, ld, w.y1, T, hd, w.hdp);
     cllm_att_store(dv, ld, w.y2, T, hd, w.hdp);
