@@ -39,6 +39,7 @@ cdef extern from "vecmath.h" nogil:
     float cllm_row_max(const float *x, int n)
     double cllm_row_exp_sum(float *x, int n, float shift)
     void cllm_row_scale(float *x, int n, float a)
+    void cllm_row_softmax(float *x, int n)
     float cllm_row_dot(const float *x, const float *y, int n)
     float cllm_row_sum(const float *x, int n)
     double cllm_row_sumsq(const float *x, long n)
@@ -353,12 +354,11 @@ cdef void ulam_probs(float *a, const float *seq, int t, const int32_t *key, int 
     # a (n) <- softmax over the keys key[0..n) of query t, head h: q_t . k_j / sqrt(hd);
     # seq (T, 3C) one sequence's qkv
     cdef int j
-    cdef float scale = 1.0 / sqrtf(hd), mx
+    cdef float scale = 1.0 / sqrtf(hd)
     cdef const float *q = seq + t * 3 * C + h * hd
     for j in range(n):
         a[j] = scale * cllm_row_dot(q, seq + key[j] * 3 * C + C + h * hd, hd)
-    mx = cllm_row_max(a, n)
-    cllm_row_scale(a, n, <float>(1.0 / cllm_row_exp_sum(a, n, mx)))
+    cllm_row_softmax(a, n)
 
 
 cdef void ulam_attention_forward(float *out, float *a, const float *qkv, const int32_t *start,
@@ -1739,7 +1739,7 @@ cdef class Decoder:
         neighbours); (row, head) pairs in parallel."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H
         cdef int i, r, h, j, n
-        cdef float scale = 1.0 / sqrtf(hd), mx
+        cdef float scale = 1.0 / sqrtf(hd)
         cdef float *s
         cdef float *y
         cdef const float *q
@@ -1762,8 +1762,7 @@ cdef class Decoder:
             # s[j] = scale * q . k[p_j] over the attended positions p_j (0..n-1 when dense)
             for j in range(n):
                 s[j] = scale * cllm_row_dot(q, keys + <Py_ssize_t>(key[j] if key else j) * hd, hd)
-            mx = cllm_row_max(s, n)
-            cllm_row_scale(s, n, <float>(1.0 / cllm_row_exp_sum(s, n, mx)))
+            cllm_row_softmax(s, n)
             # y = sum over the attended positions j of s[j] v[j]
             cllm_weighted_rows(y, s, values, hd, key, n, hd)
 
@@ -1774,7 +1773,7 @@ cdef class Decoder:
         Y_h = P V_h."""
         cdef int C = self.d.C, H = self.d.H, hd = C // H, n = p0 + M
         cdef int h, r, valid
-        cdef float scale = 1.0 / sqrtf(hd), mx
+        cdef float scale = 1.0 / sqrtf(hd)
         cdef float *S
         cdef float *row
         for h in prange(H, num_threads=self.active_threads, schedule="dynamic"):
@@ -1785,8 +1784,7 @@ cdef class Decoder:
             for r in range(M):
                 row = S + <Py_ssize_t>r * n
                 valid = p0 + r + 1
-                mx = cllm_row_max(row, valid)
-                cllm_row_scale(row, valid, <float>(1.0 / cllm_row_exp_sum(row, valid, mx)))
+                cllm_row_softmax(row, valid)
                 memset(row + valid, 0, (n - valid) * sizeof(float))
             # Y_h (M, hd; rows C apart) = P (M, n) @ V_h (n, hd)
             matmul(False, False, M, hd, n, 1.0, S, n, &self.v_cache[seq, l, h, 0, 0], hd, 0.0,

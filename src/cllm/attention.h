@@ -16,11 +16,11 @@
 #define CLLM_ATTENTION_H
 
 #include <string.h>
+
+#include "lanes.h"
 #include "vecmath.h"
 
 #define CLLM_ATT_ALIGN 16   /* T and hd padded to a multiple of this (two vectors of 8) */
-
-typedef float cllm_att_v8 __attribute__((vector_size(32), aligned(4)));
 
 static inline int cllm_att_pad(int n) { return (n + CLLM_ATT_ALIGN - 1) / CLLM_ATT_ALIGN * CLLM_ATT_ALIGN; }
 
@@ -58,19 +58,21 @@ static inline void cllm_att_scores(float *s, const float *a, const float *bT, lo
                                    int hdp, float alpha) {
     for (int t0 = 0; t0 < Tp; t0 += 4) {
         for (int j0 = 0; j0 <= t0 + 3; j0 += 16) {
-            cllm_att_v8 acc[4][2] = {{{0}}};
+            cllm_f8 acc[4][2];
+            for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = cllm_f8_zero();
             for (int d = 0; d < hdp; d++) {
-                cllm_att_v8 b0 = *(const cllm_att_v8 *)(bT + d * ldt + j0);
-                cllm_att_v8 b1 = *(const cllm_att_v8 *)(bT + d * ldt + j0 + 8);
+                cllm_f8 b0 = cllm_f8_load(bT + d * ldt + j0);
+                cllm_f8 b1 = cllm_f8_load(bT + d * ldt + j0 + 8);
                 for (int i = 0; i < 4; i++) {
-                    float x = a[(long)(t0 + i) * hdp + d];
-                    acc[i][0] += x * b0;
-                    acc[i][1] += x * b1;
+                    cllm_f8 x = cllm_f8_set1(a[(long)(t0 + i) * hdp + d]);
+                    acc[i][0] = cllm_f8_fma(acc[i][0], x, b0);
+                    acc[i][1] = cllm_f8_fma(acc[i][1], x, b1);
                 }
             }
             for (int i = 0; i < 4; i++) {
-                *(cllm_att_v8 *)(s + (t0 + i) * ldt + j0) = alpha * acc[i][0];
-                *(cllm_att_v8 *)(s + (t0 + i) * ldt + j0 + 8) = alpha * acc[i][1];
+                cllm_f8_store(s + (t0 + i) * ldt + j0, cllm_f8_mul(cllm_f8_set1(alpha), acc[i][0]));
+                cllm_f8_store(s + (t0 + i) * ldt + j0 + 8,
+                              cllm_f8_mul(cllm_f8_set1(alpha), acc[i][1]));
             }
         }
     }
@@ -83,19 +85,20 @@ static inline void cllm_att_mix(float *y, const float *p, long ldt, const float 
     for (int t0 = 0; t0 < Tp; t0 += 4) {
         int jn = t0 + 4 < T ? t0 + 4 : T;
         for (int d0 = 0; d0 < hdp; d0 += 16) {
-            cllm_att_v8 acc[4][2] = {{{0}}};
+            cllm_f8 acc[4][2];
+            for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = cllm_f8_zero();
             for (int j = 0; j < jn; j++) {
-                cllm_att_v8 x0 = *(const cllm_att_v8 *)(x + (long)j * hdp + d0);
-                cllm_att_v8 x1 = *(const cllm_att_v8 *)(x + (long)j * hdp + d0 + 8);
+                cllm_f8 x0 = cllm_f8_load(x + (long)j * hdp + d0);
+                cllm_f8 x1 = cllm_f8_load(x + (long)j * hdp + d0 + 8);
                 for (int i = 0; i < 4; i++) {
-                    float w = p[(t0 + i) * ldt + j];
-                    acc[i][0] += w * x0;
-                    acc[i][1] += w * x1;
+                    cllm_f8 w = cllm_f8_set1(p[(t0 + i) * ldt + j]);
+                    acc[i][0] = cllm_f8_fma(acc[i][0], w, x0);
+                    acc[i][1] = cllm_f8_fma(acc[i][1], w, x1);
                 }
             }
             for (int i = 0; i < 4; i++) {
-                *(cllm_att_v8 *)(y + (long)(t0 + i) * hdp + d0) = acc[i][0];
-                *(cllm_att_v8 *)(y + (long)(t0 + i) * hdp + d0 + 8) = acc[i][1];
+                cllm_f8_store(y + (long)(t0 + i) * hdp + d0, acc[i][0]);
+                cllm_f8_store(y + (long)(t0 + i) * hdp + d0 + 8, acc[i][1]);
             }
         }
     }
@@ -107,19 +110,20 @@ static inline void cllm_att_mix_transposed(float *y, const float *p, long ldt, c
                                            int T, int Tp, int hdp) {
     for (int j0 = 0; j0 < Tp; j0 += 4) {
         for (int d0 = 0; d0 < hdp; d0 += 16) {
-            cllm_att_v8 acc[4][2] = {{{0}}};
+            cllm_f8 acc[4][2];
+            for (int i = 0; i < 4; i++) acc[i][0] = acc[i][1] = cllm_f8_zero();
             for (int t = j0; t < T; t++) {
-                cllm_att_v8 x0 = *(const cllm_att_v8 *)(x + (long)t * hdp + d0);
-                cllm_att_v8 x1 = *(const cllm_att_v8 *)(x + (long)t * hdp + d0 + 8);
+                cllm_f8 x0 = cllm_f8_load(x + (long)t * hdp + d0);
+                cllm_f8 x1 = cllm_f8_load(x + (long)t * hdp + d0 + 8);
                 for (int i = 0; i < 4; i++) {
-                    float w = p[t * ldt + j0 + i];
-                    acc[i][0] += w * x0;
-                    acc[i][1] += w * x1;
+                    cllm_f8 w = cllm_f8_set1(p[t * ldt + j0 + i]);
+                    acc[i][0] = cllm_f8_fma(acc[i][0], w, x0);
+                    acc[i][1] = cllm_f8_fma(acc[i][1], w, x1);
                 }
             }
             for (int i = 0; i < 4; i++) {
-                *(cllm_att_v8 *)(y + (long)(j0 + i) * hdp + d0) = acc[i][0];
-                *(cllm_att_v8 *)(y + (long)(j0 + i) * hdp + d0 + 8) = acc[i][1];
+                cllm_f8_store(y + (long)(j0 + i) * hdp + d0, acc[i][0]);
+                cllm_f8_store(y + (long)(j0 + i) * hdp + d0 + 8, acc[i][1]);
             }
         }
     }
@@ -161,10 +165,7 @@ static inline void cllm_att_probs(cllm_att_parts *w, const float *q, const float
     for (int t = 0; t < w->Tp; t++) {
         float *row = w->p + t * w->ldt;
         int n = t < T ? t + 1 : 0;
-        if (n) {
-            float mx = cllm_row_max(row, n);
-            cllm_row_scale(row, n, (float)(1.0 / cllm_row_exp_sum(row, n, mx)));
-        }
+        if (n) cllm_row_softmax(row, n);
         memset(row + n, 0, (size_t)(w->Tp - n) * sizeof(float));
     }
 }

@@ -29,6 +29,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "lanes.h"
+
 #define CLLM_QK 32
 
 /* Output rows computed together for one activation row (a generation step): they share each
@@ -45,16 +47,10 @@
 #define CLLM_PREFETCH_ROWS 4
 
 /* Register allocation decides the speed of the inner loops: the tile primitives are always
- * inlined, so that their shape is a constant and the accumulators stay in registers, and each
- * product is a function of its own, never inlined, so that its loops are allocated apart from
- * the caller's (inlined into a large OpenMP region, they spilled and ran at half speed). */
-#if defined(__GNUC__)
-#define CLLM_INLINE static inline __attribute__((always_inline))
-#define CLLM_NOINLINE static __attribute__((noinline, unused))
-#else
-#define CLLM_INLINE static inline
-#define CLLM_NOINLINE static inline
-#endif
+ * inlined (CLLM_INLINE), so that their shape is a constant and the accumulators stay in
+ * registers, and each product is a function of its own, never inlined (CLLM_NOINLINE), so that
+ * its loops are allocated apart from the caller's (inlined into a large OpenMP region, they
+ * spilled and ran at half speed). */
 
 static inline float cllm_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -63,11 +59,10 @@ static inline float cllm_bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* ---- the primitives of each path: 8 float lanes (cllm_f8), a block of 32 int8 (cllm_q8v) and
- * its 8 lane sums (cllm_i8) ---- */
+/* ---- the primitives of each path (the float lanes cllm_f8 are lanes.h's): a block of 32
+ * int8 (cllm_q8v) and its 8 lane sums (cllm_i8) ---- */
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
+#ifdef CLLM_LANES_AVX2
 
 /* The 256-bit VNNI instruction even with AVX-512: a block of 32 int8 is one 256-bit register,
  * and the same 8 lanes as the AVX2 and C paths keep the bits the same. */
@@ -77,24 +72,13 @@ static inline float cllm_bf16_to_f32(uint16_t h) {
 #define CLLM_DPBUSD(acc, u, s) _mm256_dpbusd_avx_epi32(acc, u, s)
 #endif
 
-typedef __m256 cllm_f8;
 typedef __m256i cllm_q8v;
 typedef __m256i cllm_i8;
-
-static inline cllm_f8 cllm_f8_zero(void) { return _mm256_setzero_ps(); }
-CLLM_INLINE cllm_f8 cllm_f8_set1(float v) { return _mm256_set1_ps(v); }
-CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) { return _mm256_loadu_ps(p); }
-CLLM_INLINE void cllm_f8_store(float *p, cllm_f8 v) { _mm256_storeu_ps(p, v); }
 
 /* 8 bf16 as float32: a bf16 is the top half of its float32 */
 CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
     __m256i wi = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wi, 16));
-}
-
-/* acc + a * b */
-CLLM_INLINE cllm_f8 cllm_f8_fma(cllm_f8 acc, cllm_f8 a, cllm_f8 b) {
-    return _mm256_fmadd_ps(a, b, acc);
 }
 
 CLLM_INLINE cllm_q8v cllm_q8_load(const int8_t *p) {
@@ -121,46 +105,15 @@ CLLM_INLINE cllm_f8 cllm_q8_accumulate(cllm_f8 acc, cllm_f8 d, cllm_i8 s) {
     return _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc);
 }
 
-/* out[r] = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) of a[r], for 4 rows at once. */
-CLLM_INLINE void cllm_f8_sum4(float out[4], const cllm_f8 a[4]) {
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-}
-
 #else  /* plain C: the same lanes, sums and roundings as the vector path */
 
-typedef struct { float l[8]; } cllm_f8;
 typedef struct { int8_t b[CLLM_QK]; } cllm_q8v;
 typedef struct { int32_t l[8]; } cllm_i8;
-
-static inline cllm_f8 cllm_f8_zero(void) {
-    cllm_f8 z = {{0.0f}};
-    return z;
-}
-
-CLLM_INLINE cllm_f8 cllm_f8_set1(float v) {
-    cllm_f8 r;
-    for (int j = 0; j < 8; j++) r.l[j] = v;
-    return r;
-}
-
-CLLM_INLINE cllm_f8 cllm_f8_load(const float *p) {
-    cllm_f8 r;
-    memcpy(r.l, p, sizeof r.l);
-    return r;
-}
-
-CLLM_INLINE void cllm_f8_store(float *p, cllm_f8 v) { memcpy(p, v.l, sizeof v.l); }
 
 CLLM_INLINE cllm_f8 cllm_bf16_load(const uint16_t *p) {
     cllm_f8 r;
     for (int j = 0; j < 8; j++) r.l[j] = cllm_bf16_to_f32(p[j]);
     return r;
-}
-
-CLLM_INLINE cllm_f8 cllm_f8_fma(cllm_f8 acc, cllm_f8 a, cllm_f8 b) {
-    for (int j = 0; j < 8; j++) acc.l[j] = fmaf(a.l[j], b.l[j], acc.l[j]);
-    return acc;
 }
 
 CLLM_INLINE cllm_q8v cllm_q8_load(const int8_t *p) {
@@ -187,13 +140,6 @@ CLLM_INLINE cllm_i8 cllm_q8_dot(cllm_q8v abs_a, cllm_q8v a, cllm_q8v b) {
 CLLM_INLINE cllm_f8 cllm_q8_accumulate(cllm_f8 acc, cllm_f8 d, cllm_i8 s) {
     for (int j = 0; j < 8; j++) acc.l[j] = fmaf(d.l[j], (float)s.l[j], acc.l[j]);
     return acc;
-}
-
-CLLM_INLINE void cllm_f8_sum4(float out[4], const cllm_f8 a[4]) {
-    for (int r = 0; r < 4; r++) {
-        const float *l = a[r].l;
-        out[r] = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
-    }
 }
 
 #endif

@@ -65,6 +65,12 @@ static inline void cllm_row_scale(float *x, int n, float a) {
     for (int i = 0; i < n; i++) x[i] *= a;
 }
 
+/* x[0:n] <- softmax(x[0:n]) in place, n >= 1: exp(x - max) over its float64-normalised sum. */
+static inline void cllm_row_softmax(float *x, int n) {
+    float mx = cllm_row_max(x, n);
+    cllm_row_scale(x, n, (float)(1.0 / cllm_row_exp_sum(x, n, mx)));
+}
+
 static inline float cllm_row_dot(const float *x, const float *y, int n) {
     float s = 0.0f;
     #pragma omp simd reduction(+:s)
